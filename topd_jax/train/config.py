@@ -1,0 +1,363 @@
+"""The run config: typed, frozen dataclasses, one section per concern.
+
+Every option of ``../shared/design/TOPD.md`` is a field here with the default named there.
+Each field carries its help text (``metadata["help"]``) and, where it has one, a range
+check (``metadata["check"]``); checks run in ``__post_init__``, so a config built in Python
+is validated just like one loaded from YAML (``topd_jax.train.config_loader``). Errors are
+``ConfigError`` naming the dotted key and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+
+class ConfigError(ValueError):
+    """A bad config key or value. ``key`` is the dotted path (``"topd.window"``)."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(f"config key '{key}': {message}")
+
+    def under(self, prefix: str) -> "ConfigError":
+        return ConfigError(f"{prefix}.{self.key}", self.message)
+
+
+# ---- range checks: value -> error message or None (None values are never checked) ----
+def _positive(v): return None if v > 0 else "must be > 0"
+def _nonneg(v): return None if v >= 0 else "must be >= 0"
+def _unit(v): return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+def _open_unit(v): return None if 0.0 < v < 1.0 else "must be in (0, 1)"
+def _half_open_unit(v): return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
+def _mesh_axis(v): return None if v == -1 or v >= 1 else "must be >= 1, or -1 (all remaining devices)"
+
+
+def opt(default: Any, help: str, check: Callable[[Any], str | None] | None = None):
+    """A config field with its help text and optional range check."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def section(cls: type, help: str):
+    """A nested config section (default-constructed)."""
+    return field(default_factory=cls, metadata={"help": help, "check": None})
+
+
+class _Checked:
+    """Runs each field's range check; subclasses add cross-field checks in ``_validate``."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check, value = f.metadata.get("check"), getattr(self, f.name)
+            if check is not None and value is not None:
+                values = value if isinstance(value, tuple) else (value,)
+                for v in values:
+                    if (msg := check(v)) is not None:
+                        raise ConfigError(f.name, f"{msg}, got {value!r}")
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+
+Dtype = Literal["float32", "bfloat16"]
+_ARCH_REQUIRED = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "intermediate_size")
+
+
+@dataclass(frozen=True)
+class ModelSpec(_Checked):
+    """Where a model comes from: a local HF directory, a named preset, or explicit sizes.
+
+    Architecture fields left ``None`` come from ``path``/``preset``; set ones override them
+    (with neither, all of ``vocab_size … intermediate_size`` must be given: random init).
+    """
+    path: str | None = opt(None, "local HF model directory (config.json + safetensors)")
+    preset: str | None = opt(None, "named ModelConfig preset (random weights), e.g. qwen3-4b")
+    vocab_size: int | None = opt(None, "vocabulary size override", _positive)
+    hidden_size: int | None = opt(None, "hidden size override", _positive)
+    num_layers: int | None = opt(None, "number of decoder layers override", _positive)
+    num_heads: int | None = opt(None, "attention heads override", _positive)
+    num_kv_heads: int | None = opt(None, "key/value heads override (GQA)", _positive)
+    head_dim: int | None = opt(None, "per-head dimension override", _positive)
+    intermediate_size: int | None = opt(None, "MLP intermediate size override", _positive)
+    max_position_embeddings: int | None = opt(None, "max positions override", _positive)
+    rope_theta: float | None = opt(None, "RoPE base override", _positive)
+    tie_word_embeddings: bool | None = opt(None, "tie input embedding and LM head")
+    qk_norm: bool | None = opt(None, "per-head RMSNorm on q/k (Qwen3 style)")
+    qkv_bias: bool | None = opt(None, "bias on q/k/v projections (Qwen2/2.5 style)")
+    dtype: Dtype = opt("float32", "compute dtype")
+    param_dtype: Dtype = opt("float32", "parameter dtype")
+    remat: Literal["none", "full", "dots"] = opt("none", "rematerialisation policy per layer")
+
+    def _validate(self):
+        if self.path is not None and self.preset is not None:
+            raise ConfigError("preset", f"give either path ({self.path!r}) or preset "
+                              f"({self.preset!r}), not both")
+        if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ConfigError("num_kv_heads", f"num_heads={self.num_heads} is not a multiple "
+                              f"of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def is_specified(self) -> bool:
+        """True when the model can be built: a path, a preset or every required size."""
+        return (self.path is not None or self.preset is not None
+                or all(getattr(self, k) is not None for k in _ARCH_REQUIRED))
+
+    def arch_overrides(self) -> dict[str, Any]:
+        """The architecture fields set in this spec, as ``ModelConfig`` keyword arguments."""
+        skip = {"path", "preset", "dtype", "param_dtype", "remat"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in skip and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class MeshConfig(_Checked):
+    """Device mesh (data, fsdp, tensor); the logical-axis rules live in topd_jax.sharding."""
+    data: int = opt(-1, "data-parallel axis size (-1: all remaining devices)", _mesh_axis)
+    fsdp: int = opt(1, "fully-sharded axis size (-1: all remaining devices)", _mesh_axis)
+    tensor: int = opt(1, "tensor-parallel axis size (-1: all remaining devices)", _mesh_axis)
+
+    def _validate(self):
+        if (self.data, self.fsdp, self.tensor).count(-1) > 1:
+            raise ConfigError("data", "at most one mesh axis may be -1, got "
+                              f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig(_Checked):
+    """The embedded arithmetic-chain task (topd_jax.data.synthetic)."""
+    num_train: int = opt(4096, "training problems generated", _positive)
+    num_eval: int = opt(256, "held-out evaluation problems", _positive)
+    min_steps: int = opt(2, "fewest derived variables per problem", _positive)
+    max_steps: int = opt(4, "most derived variables per problem", _positive)
+    seed: int = opt(1234, "generation seed (eval set uses a disjoint stream)")
+
+    def _validate(self):
+        if self.min_steps > self.max_steps:
+            raise ConfigError("min_steps", f"min_steps={self.min_steps} > "
+                              f"max_steps={self.max_steps}")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Checked):
+    """Prompt source and batching (topd_jax.data.prompts)."""
+    source: Literal["files", "synthetic"] = opt("files", "prompt files or the synthetic task")
+    train_files: tuple[str, ...] = opt((), "JSONL/parquet files with problem/answer fields")
+    eval_files: tuple[str, ...] = opt((), "held-out JSONL/parquet files for the eval hook")
+    tokenizer: str | None = opt(None, "tokenizer directory (default: the student's path)")
+    template: str = opt("qwen_chat", "prompt template name (topd_jax.data.templates)")
+    system_prompt: str | None = opt(None, "system message for chat templates")
+    prompts_per_step: int = opt(1, "prompts per optimizer step (global, all hosts)", _positive)
+    max_prompt_len: int = opt(800, "prompts longer than this (tokens) are skipped", _positive)
+    shuffle: bool = opt(True, "shuffle prompts (seeded, reshuffled every epoch)")
+    epochs: int | None = opt(None, "passes over the prompts (None: repeat forever)", _positive)
+    synthetic: SyntheticConfig = section(SyntheticConfig, "synthetic demo task")
+
+    def _validate(self):
+        if self.source == "files" and not self.train_files:
+            raise ConfigError("train_files", "data.source='files' needs at least one file")
+
+
+@dataclass(frozen=True)
+class RolloutConfig(_Checked):
+    """Student sampling (paper: n=4, temperature 1.0, top_p 1.0, <= 8000 new tokens)."""
+    n: int = opt(4, "rollouts per prompt", _positive)
+    temperature: float = opt(1.0, "sampling temperature", _positive)
+    top_p: float = opt(1.0, "nucleus sampling mass", _half_open_unit)
+    top_k: int | None = opt(None, "sample among the k most likely tokens (None: all)", _positive)
+    max_new_tokens: int = opt(8000, "new tokens per rollout", _positive)
+
+
+@dataclass(frozen=True)
+class LossConfig(_Checked):
+    """Per-token OPD loss on the student's rollouts (TOPD.md §1)."""
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = opt(
+        "reverse_kl", "per-token divergence between student and teacher")
+    jsd_beta: float = opt(0.5, "generalized JSD interpolation (divergence=jsd)", _open_unit)
+    estimator: Literal["full_vocab", "sampled_token"] = opt(
+        "full_vocab", "full-vocabulary divergence, or log p_s(y_t) - log p_T(y_t) as a "
+        "per-token policy-gradient reward (Tinker style)")
+    top_k_logits: int | None = opt(None, "approximate the divergence on the teacher's top-k "
+                                   "logits (None: exact)", _positive)
+    kd_temperature: float = opt(1.0, "temperature applied to both models' logits", _positive)
+    vocab_chunk: int | None = opt(None, "chunk the vocabulary when scoring (None: whole)",
+                                  _positive)
+
+
+@dataclass(frozen=True)
+class TopdConfig(_Checked):
+    """Candidates, near-future detector, suppression and guidance (TOPD.md §2–4)."""
+    candidate_mode: Literal["top_c", "quantile"] = opt("top_c", "how high-loss candidates "
+                                                       "are picked per rollout")
+    num_candidates: int = opt(3, "C: candidates per rollout (top_c)", _positive)
+    min_separation: int = opt(8, "minimum token gap between candidates (top_c)", _nonneg)
+    candidate_quantile: float = opt(0.8, "q: positions above this loss quantile (quantile)",
+                                    _unit)
+    detector: Literal["ot_embedding", "margin_w1", "kl_window"] = opt(
+        "ot_embedding", "near-future divergence D_t between teacher and student futures")
+    window: int = opt(50, "K: near-future window length in tokens", _positive)
+    rollback: int = opt(1, "tokens rolled back before branching (1: regenerate y_t)", _positive)
+    continuation_temperature: float = opt(1.0, "sampling temperature of the K-token "
+                                          "continuations", _positive)
+    continuations_per_side: int = opt(1, "continuations per side (ot_embedding)", _positive)
+    reuse_student_suffix: bool = opt(False, "use the rollout's own y_t..y_{t+K-1} as the "
+                                     "student future (saves one generation)")
+    ot_solver: Literal["sinkhorn", "exact"] = opt("sinkhorn", "OT solver (ot_embedding)")
+    sinkhorn_epsilon: float = opt(0.05, "entropic regularisation (sinkhorn)", _positive)
+    sinkhorn_iters: int = opt(200, "Sinkhorn iterations", _positive)
+    margin_samples: int = opt(4, "N continuations per side (margin_w1)", _positive)
+    false_alarm_quantile: float = opt(0.3, "candidates with D_t at or below this quantile "
+                                      "(over the batch) are false alarms", _unit)
+    suppression: Literal["default", "none", "false_alarms", "high_divergence"] = opt(
+        "default", "which candidates get weight s in the OPD loss; default: false_alarms "
+        "for topd, none for opd (set false_alarms on opd for OPD+suppression; "
+        "high_divergence is the paper's ablation)")
+    suppression_weight: float = opt(0.0, "s: loss weight of suppressed positions (0: mask)",
+                                    _unit)
+    guidance: bool = opt(True, "multi-token guidance at divergent states (topd only)")
+    max_guided_points: int | None = opt(1, "guided points per rollout, most divergent first "
+                                        "(None: all divergent)", _positive)
+    guidance_weight: float = opt(1.0, "lambda: weight of L_traj", _nonneg)
+    guidance_decay: float = opt(1.0, "gamma: weight gamma^i on guidance position i "
+                                "(1: uniform)", _half_open_unit)
+    guidance_target: Literal["teacher_kl", "teacher_tokens", "student_positions"] = opt(
+        "teacher_kl", "forward KL on the teacher's continuation, NLL of its tokens, or "
+        "targets on the student's own future positions")
+
+
+@dataclass(frozen=True)
+class WarmupConfig(_Checked):
+    """Stage-1 off-policy warm-up on teacher samples: alpha*CE + (1-alpha)*forward KL."""
+    ce_weight: float = opt(0.5, "alpha: weight of cross-entropy on the teacher's tokens", _unit)
+    temperature: float = opt(0.6, "teacher sampling temperature", _positive)
+    top_p: float = opt(0.95, "teacher nucleus sampling mass", _half_open_unit)
+    max_new_tokens: int = opt(16384, "teacher response length", _positive)
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Checked):
+    """AdamW with warm-up + cosine to min_lr, global-norm clipping, grad accumulation."""
+    lr: float = opt(2e-6, "peak learning rate", _positive)
+    min_lr: float = opt(1e-8, "learning rate at the end of the cosine", _nonneg)
+    warmup_fraction: float = opt(0.05, "fraction of steps with linear warm-up", _unit)
+    b1: float = opt(0.9, "AdamW beta1", _open_unit)
+    b2: float = opt(0.98, "AdamW beta2", _open_unit)
+    eps: float = opt(1e-8, "AdamW epsilon", _positive)
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay", _nonneg)
+    clip_norm: float | None = opt(1.0, "global gradient-norm clip (None: off)", _positive)
+    micro_batches: int = opt(1, "gradient-accumulation micro-batches per step", _positive)
+
+    def _validate(self):
+        if self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"min_lr={self.min_lr} > lr={self.lr}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Checked):
+    """Orbax checkpoints of the train state, data iterator, config and metrics step."""
+    dir: str | None = opt(None, "checkpoint directory (None: <output_dir>/checkpoints)")
+    every: int = opt(100, "save every N steps (and always at the end)", _positive)
+    keep: int = opt(3, "keep the last k checkpoints", _positive)
+    async_save: bool = opt(True, "write checkpoints in the background")
+    resume: bool = opt(True, "resume from the latest good checkpoint if one exists")
+    export_hf: bool = opt(True, "export the final student as an HF directory")
+
+
+@dataclass(frozen=True)
+class LoggingConfig(_Checked):
+    """Metric sinks (topd_jax.train.metrics); only process 0 writes."""
+    every: int = opt(1, "log every N steps", _positive)
+    stdout: bool = opt(True, "one summary line per logged step")
+    jsonl: bool = opt(True, "<output_dir>/metrics.jsonl")
+    tensorboard: bool = opt(True, "TensorBoard event file under <output_dir>/tb")
+    progress_bar: bool = opt(True, "tqdm progress bar")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Checked):
+    """Periodic accuracy on held-out prompts with the verifier."""
+    every: int = opt(0, "evaluate every N steps (0: never during training)", _nonneg)
+    at_start: bool = opt(True, "evaluate before the first step")
+    at_end: bool = opt(True, "evaluate after the last step")
+    num_prompts: int | None = opt(None, "held-out prompts used (None: all)", _positive)
+    samples_per_prompt: int = opt(1, "samples per prompt (pass@1 averaged)", _positive)
+    temperature: float = opt(0.6, "evaluation sampling temperature", _nonneg)
+    max_new_tokens: int = opt(16384, "evaluation response length", _positive)
+
+
+@dataclass(frozen=True)
+class DemoConfig(_Checked):
+    """The embedded demo's own stages: a tiny teacher trained to high accuracy on reference
+    solutions (cached), a student warmed up on noisy ones to be mediocre."""
+    cache_dir: str = opt("runs/demo_cache", "where the trained tiny teacher/student are cached")
+    teacher_steps: int = opt(1500, "supervised steps for the tiny teacher", _nonneg)
+    student_steps: int = opt(300, "supervised warm-up steps for the student", _nonneg)
+    batch_size: int = opt(64, "sequences per supervised step", _positive)
+    lr: float = opt(3e-3, "supervised learning rate", _positive)
+    student_noise: float = opt(0.3, "probability that a warm-up solution has a slip", _unit)
+
+
+Algorithm = Literal["opd", "topd", "warmup"]
+
+
+@dataclass(frozen=True)
+class RunConfig(_Checked):
+    """A whole run. ``algorithm`` selects the wiring; the sections hold every option."""
+    algorithm: Algorithm = opt("opd", "opd | topd | warmup (stage-1 off-policy warm-up)")
+    steps: int = opt(1000, "optimizer steps", _positive)
+    seed: int = opt(0, "seed of every PRNG stream (sampling, shuffling, init)")
+    output_dir: str = opt("runs/default", "metrics, plots, report and (default) checkpoints")
+    max_nonfinite_steps: int = opt(5, "halt after this many non-finite losses in a row",
+                                   _positive)
+    student: ModelSpec = section(ModelSpec, "the trained model")
+    teacher: ModelSpec = section(ModelSpec, "the frozen teacher")
+    mesh: MeshConfig = section(MeshConfig, "device mesh")
+    data: DataConfig = section(DataConfig, "prompts")
+    rollout: RolloutConfig = section(RolloutConfig, "student sampling")
+    loss: LossConfig = section(LossConfig, "per-token OPD loss")
+    topd: TopdConfig = section(TopdConfig, "TOPD detector, suppression and guidance")
+    warmup: WarmupConfig = section(WarmupConfig, "stage-1 warm-up")
+    optim: OptimConfig = section(OptimConfig, "optimizer")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpointing")
+    logging: LoggingConfig = section(LoggingConfig, "metrics sinks")
+    eval: EvalConfig = section(EvalConfig, "evaluation hook")
+    demo: DemoConfig = section(DemoConfig, "embedded demo stages")
+
+    def _validate(self):
+        for name in ("student", "teacher"):
+            if not getattr(self, name).is_specified:
+                raise ConfigError(f"{name}.path", "no model given: set path, preset, or all of "
+                                  + ", ".join(_ARCH_REQUIRED))
+        if self.rollout.n * self.data.prompts_per_step % self.optim.micro_batches:
+            raise ConfigError("optim.micro_batches", f"{self.optim.micro_batches} does not "
+                              f"divide rollout.n * data.prompts_per_step = "
+                              f"{self.rollout.n * self.data.prompts_per_step}")
+        if self.algorithm == "warmup" and self.loss.estimator == "sampled_token":
+            raise ConfigError("loss.estimator", "the warm-up stage trains on teacher samples; "
+                              "the sampled-token estimator is on-policy only")
+
+    # ---- derived, so that no caller has to re-implement defaults ----
+    @property
+    def suppression(self) -> str:
+        """Resolved suppression mode: ``none``, ``false_alarms`` or ``high_divergence``."""
+        if self.topd.suppression != "default":
+            return self.topd.suppression
+        return "false_alarms" if self.algorithm == "topd" else "none"
+
+    @property
+    def uses_detector(self) -> bool:
+        """Whether candidates and D_t must be computed (TOPD, or OPD with suppression)."""
+        return self.algorithm == "topd" or (self.algorithm == "opd"
+                                            and self.suppression != "none")
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.algorithm == "topd" and self.topd.guidance and self.topd.guidance_weight > 0
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.output_dir}/checkpoints"
