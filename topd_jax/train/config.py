@@ -133,13 +133,18 @@ class SyntheticConfig(_Checked):
     num_train: int = opt(4096, "training problems generated", _positive)
     num_eval: int = opt(256, "held-out evaluation problems", _positive)
     min_steps: int = opt(2, "fewest derived variables per problem", _positive)
-    max_steps: int = opt(4, "most derived variables per problem", _positive)
+    max_steps: int = opt(4, "most derived variables per problem (<= 7)", _positive)
+    modulus: int = opt(13, "arithmetic modulus, a prime <= 100", _positive)
     seed: int = opt(1234, "generation seed (eval set uses a disjoint stream)")
 
     def _validate(self):
         if self.min_steps > self.max_steps:
             raise ConfigError("min_steps", f"min_steps={self.min_steps} > "
                               f"max_steps={self.max_steps}")
+        if self.max_steps > 7:
+            raise ConfigError("max_steps", f"at most 7 (variables a..h), got {self.max_steps}")
+        if self.modulus > 100 or any(self.modulus % d == 0 for d in range(2, self.modulus)):
+            raise ConfigError("modulus", f"must be a prime <= 100, got {self.modulus}")
 
 
 @dataclass(frozen=True)
