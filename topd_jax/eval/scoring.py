@@ -5,7 +5,7 @@ a ``SampleRecord``; ``summarize`` turns a dataset's records into its summary:
 
 - ``pass@1``: mean accuracy; its standard error is taken over the n sample rounds
   (round j = sample j of every problem, a full eval run), i.e. the spread you would see
-  between independent runs on this fixed problem set. NaN for n = 1.
+  between independent runs on this fixed problem set. None for n = 1.
 - ``pass@k`` (unbiased, Chen et al. 2021) and ``maj@k`` (exact expected majority vote,
   ties split), averaged over problems, for k in ``ks`` (k <= n).
 - ``mean_length`` (generated tokens), ``truncation_rate`` (samples that hit
@@ -109,7 +109,7 @@ def summarize(
         "problems": len(by_id),
         "samples_per_problem": n,
         "pass@1": p1,
-        "pass@1_stderr": p1_se,
+        "pass@1_stderr": None if math.isnan(p1_se) else p1_se,  # None: JSON has no NaN
         **pass_k,
         **maj_k,
         "mean_length": sum(r.length for r in records) / len(records),

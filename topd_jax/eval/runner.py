@@ -1,0 +1,97 @@
+"""The evaluation loop, independent of how text is generated.
+
+``run_eval`` formats every problem with the template, asks ``generate`` for ``samples``
+rounds of completions (round j = one completion per prompt), grades them, and writes
+
+    OUT/samples.jsonl   one SampleRecord per line, written round by round
+    OUT/summary.json    {"config": ..., "datasets": {name: summary}, "average": ...}
+
+and returns the summary dict. ``generate(prompts, round_index) -> [Generation]`` owns the
+model, batching and randomness; the eval command builds it from the model and the sampler
+and puts its seed rule in ``config`` so the run records it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from topd_jax.data.jsonl import MathItem
+from topd_jax.data.templates import PromptTemplate
+from topd_jax.eval.scoring import format_table, grade_sample, macro_average, summarize
+from topd_jax.rewards.math import DEFAULT_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion: its text (stop token removed), generated tokens (stop token
+    included), and whether it hit the token limit without a stop token."""
+
+    text: str
+    num_tokens: int
+    truncated: bool
+
+
+GenerateFn = Callable[[Sequence[str], int], Sequence[Generation]]
+
+
+def run_eval(
+    datasets: Mapping[str, Sequence[MathItem]],
+    *,
+    template: PromptTemplate,
+    generate: GenerateFn,
+    samples: int,
+    out_dir: str | os.PathLike,
+    config: Mapping | None = None,
+    ks: Sequence[int] | None = None,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    progress: bool = True,
+) -> dict:
+    """Generate, grade and summarise; see the module docstring. ``config`` (JSON-able) is
+    stored in summary.json next to the template record."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if not datasets:
+        raise ValueError("run_eval: no datasets")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = [(name, item) for name, items in datasets.items() for item in items]
+    prompts = [template.format(item.problem) for _, item in flat]
+
+    from tqdm.auto import tqdm  # progress bar on stderr; disabled in tests
+
+    bar = tqdm(total=samples * len(flat), desc="eval", unit="sample", disable=not progress)
+    records = {name: [] for name in datasets}
+    with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
+        for j in range(samples):
+            gens = list(generate(prompts, j))
+            if len(gens) != len(prompts):
+                raise ValueError(f"generate returned {len(gens)} completions for {len(prompts)} prompts")
+            for (name, item), gen in zip(flat, gens):
+                rec = grade_sample(dataset=name, id=item.id, sample=j, completion=gen.text,
+                                   gold=item.answer, length=gen.num_tokens,
+                                   truncated=gen.truncated, timeout_s=timeout_s)
+                records[name].append(rec)
+                f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
+                bar.update(1)
+            f.flush()
+            if progress:
+                done = [r for rs in records.values() for r in rs]
+                bar.set_postfix(acc=f"{sum(r.correct for r in done) / len(done):.3f}")
+    bar.close()
+
+    per_dataset = {name: summarize(recs, ks=ks, timeout_s=timeout_s) for name, recs in records.items()}
+    summary = {
+        "config": {**dict(config or {}), "samples": samples, "template": template.to_dict()},
+        "datasets": per_dataset,
+        "average": macro_average(per_dataset),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    table = dict(per_dataset)
+    if len(per_dataset) > 1:
+        table["avg"] = summary["average"]
+    (out / "summary.txt").write_text(format_table(table) + "\n")
+    return summary
