@@ -40,7 +40,10 @@ def paper_prompt(problem: str) -> str:
 
 
 def render_chatml(
-    messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True, thinking: bool = True
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    thinking: bool = True,
 ) -> str:
     """Render ``[{"role": ..., "content": ...}, ...]`` in Qwen's ChatML.
 
@@ -51,7 +54,8 @@ def render_chatml(
     for i, msg in enumerate(messages):
         if set(msg) != {"role", "content"} or msg["role"] not in _ROLES:
             raise ValueError(
-                f"message {i} must be {{'role': one of {_ROLES}, 'content': str}}, got {dict(msg)!r}"
+                f"message {i} must be {{'role': one of {_ROLES}, 'content': str}},"
+                f" got {dict(msg)!r}"
             )
         parts.append(f"<|im_start|>{msg['role']}\n{msg['content']}<|im_end|>\n")
     if add_generation_prompt:

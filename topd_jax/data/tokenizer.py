@@ -157,7 +157,8 @@ def _write_qwen_tokenizer(vocab_file: Path, out: Path) -> None:
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    tok = TikTokenConverter(vocab_file=str(vocab_file), pattern=QWEN_PRETOKENIZE_PATTERN).converted()
+    converter = TikTokenConverter(vocab_file=str(vocab_file), pattern=QWEN_PRETOKENIZE_PATTERN)
+    tok = converter.converted()
     n_ranks = tok.get_vocab_size()
     if n_ranks != QWEN_SPECIAL_START_ID:
         raise ValueError(
@@ -168,7 +169,9 @@ def _write_qwen_tokenizer(vocab_file: Path, out: Path) -> None:
     tok.model.ignore_merges = False
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(
+                Regex(QWEN_PRETOKENIZE_PATTERN), behavior="isolated", invert=False
+            ),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
@@ -178,7 +181,9 @@ def _write_qwen_tokenizer(vocab_file: Path, out: Path) -> None:
     )
     for i, (t, _) in enumerate(QWEN_ADDED_TOKENS):
         if tok.token_to_id(t) != QWEN_SPECIAL_START_ID + i:
-            raise AssertionError(f"{t} got id {tok.token_to_id(t)}, want {QWEN_SPECIAL_START_ID + i}")
+            raise RuntimeError(
+                f"{t} got id {tok.token_to_id(t)}, want {QWEN_SPECIAL_START_ID + i}"
+            )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

@@ -69,7 +69,9 @@ def run_eval(
         for j in range(samples):
             gens = list(generate(prompts, j))
             if len(gens) != len(prompts):
-                raise ValueError(f"generate returned {len(gens)} completions for {len(prompts)} prompts")
+                raise ValueError(
+                    f"generate returned {len(gens)} completions for {len(prompts)} prompts"
+                )
             for (name, item), gen in zip(flat, gens):
                 rec = grade_sample(dataset=name, id=item.id, sample=j, completion=gen.text,
                                    gold=item.answer, length=gen.num_tokens,
@@ -83,7 +85,9 @@ def run_eval(
                 bar.set_postfix(acc=f"{sum(r.correct for r in done) / len(done):.3f}")
     bar.close()
 
-    per_dataset = {name: summarize(recs, ks=ks, timeout_s=timeout_s) for name, recs in records.items()}
+    per_dataset = {
+        name: summarize(recs, ks=ks, timeout_s=timeout_s) for name, recs in records.items()
+    }
     summary = {
         "config": {**dict(config or {}), "samples": samples, "template": template.to_dict()},
         "datasets": per_dataset,

@@ -221,7 +221,7 @@ def answers_equivalent(
     try:
         with time_limit(timeout_s):
             pa, pb = _parse_latex(a), _parse_latex(b)
-            return bool(verify(pa, pb, timeout_seconds=None) or verify(pb, pa, timeout_seconds=None))
+            return _verify(pa, pb) or _verify(pb, pa)
     except GradingTimeout:
         return False
     except Exception:
