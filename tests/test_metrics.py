@@ -1,0 +1,109 @@
+"""Metrics sink: (sum, count) reduction, stdout/JSONL output, process-0 only, and TensorBoard
+event files checked with an independent protobuf decoder."""
+
+import io
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from topd_jax.train.metrics import (MetricsSink, PairAccumulator, crc32c, format_summary,
+                                    reduce_pairs)
+
+
+def test_pairs_reduce_as_global_sum_over_global_count():
+    got = reduce_pairs({"loss": (np.float32(6.0), np.int32(4)), "lr": 1e-3, "empty": (0.0, 0)})
+    assert got["loss"] == 1.5 and got["lr"] == pytest.approx(1e-3) and math.isnan(got["empty"])
+
+
+def test_accumulated_pairs_are_not_a_mean_of_means():
+    acc = PairAccumulator()
+    acc.add({"kl": (1.0, 1), "steps": 1})
+    acc.add({"kl": (30.0, 10), "steps": 1})
+    out = reduce_pairs(acc.pop())
+    assert out["kl"] == pytest.approx(31 / 11) and out["kl"] != pytest.approx((1 + 3) / 2)
+    assert out["steps"] == 1.0 and acc.pop() == {}
+
+
+def test_stdout_and_jsonl_get_one_reduced_line_per_write(tmp_path):
+    stream = io.StringIO()
+    with MetricsSink(tmp_path, process_index=0, stream=stream, tensorboard=False) as sink:
+        sink.write(1, {"loss": (3.0, 2), "lr": 2e-6})
+        sink.write(2, {"loss": (float("nan"), 1)})
+    lines = stream.getvalue().splitlines()
+    assert lines == ["step 1 | loss 1.5 | lr 2e-06", "step 2 | loss nan"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[0]["loss"] == 1.5 and rows[0]["lr"] == 2e-6
+    assert rows[1]["loss"] is None and "time" in rows[1]  # NaN is not JSON: null
+
+
+def test_only_process_zero_writes(tmp_path):
+    stream = io.StringIO()
+    out = tmp_path / "run"
+    with MetricsSink(out, process_index=1, stream=stream) as sink:
+        assert sink.write(5, {"loss": (1.0, 2)}) == {"loss": 0.5}
+    assert stream.getvalue() == "" and not out.exists()
+
+
+def test_crc32c_matches_the_standard_check_value():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+
+
+def _event_class():
+    """tensorflow.Event / Summary built from a descriptor here, independent of our encoder."""
+    f = descriptor_pb2.FileDescriptorProto(name="ev_test.proto", package="tft")
+    summ = f.message_type.add(name="Summary")
+    val = summ.nested_type.add(name="Value")
+    L, T = descriptor_pb2.FieldDescriptorProto, descriptor_pb2.FieldDescriptorProto
+    val.field.add(name="tag", number=1, type=T.TYPE_STRING, label=L.LABEL_OPTIONAL)
+    val.field.add(name="simple_value", number=2, type=T.TYPE_FLOAT, label=L.LABEL_OPTIONAL)
+    summ.field.add(name="value", number=1, type=T.TYPE_MESSAGE, label=L.LABEL_REPEATED,
+                   type_name=".tft.Summary.Value")
+    ev = f.message_type.add(name="Event")
+    ev.field.add(name="wall_time", number=1, type=T.TYPE_DOUBLE, label=L.LABEL_OPTIONAL)
+    ev.field.add(name="step", number=2, type=T.TYPE_INT64, label=L.LABEL_OPTIONAL)
+    ev.field.add(name="file_version", number=3, type=T.TYPE_STRING, label=L.LABEL_OPTIONAL)
+    ev.field.add(name="summary", number=5, type=T.TYPE_MESSAGE, label=L.LABEL_OPTIONAL,
+                 type_name=".tft.Summary")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tft.Event"))
+
+
+def _masked(data):
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _read_records(path):
+    buf, out = path.read_bytes(), []
+    while buf:
+        (n,) = struct.unpack("<Q", buf[:8])
+        assert struct.unpack("<I", buf[8:12])[0] == _masked(buf[:8])
+        data = buf[12:12 + n]
+        assert struct.unpack("<I", buf[12 + n:16 + n])[0] == _masked(data)
+        out.append(data)
+        buf = buf[16 + n:]
+    return out
+
+
+def test_tensorboard_event_file_decodes_with_protobuf(tmp_path):
+    with MetricsSink(tmp_path, process_index=0, stream=io.StringIO(), jsonl=False) as sink:
+        sink.write(7, {"loss": (3.0, 4), "lr": 1e-3})
+        sink.write(8, {"loss": (1.0, 4)})
+    (path,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    Event = _event_class()
+    events = [Event.FromString(r) for r in _read_records(path)]
+    assert events[0].file_version == "brain.Event:2"
+    assert [e.step for e in events[1:]] == [7, 8] and events[1].wall_time > 1e9
+    assert {v.tag: v.simple_value for v in events[1].summary.value} == \
+        {"loss": 0.75, "lr": pytest.approx(1e-3)}
+    assert [(v.tag, v.simple_value) for v in events[2].summary.value] == [("loss", 0.25)]
+
+
+def test_summary_line_format():
+    assert format_summary(3, {"a": 0.123456, "tok/s": 12345.6}) == "step 3 | a 0.1235 | tok/s 1.235e+04"
