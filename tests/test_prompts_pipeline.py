@@ -27,7 +27,7 @@ def _write(path, rows):
 
 
 def _data(tmp_path, n=20):
-    rows = [{"problem": " ".join(["w"] * (1 + i % 7)) + f" q{i}", "answer": str(i)}
+    rows = [{"id": i, "problem": " ".join(["w"] * (1 + i % 7)) + f" q{i}", "answer": str(i)}
             for i in range(n)]
     return _write(tmp_path / "p.jsonl", rows)
 
@@ -103,25 +103,35 @@ def test_finite_epochs_stop_and_shards_partition_the_data(tmp_path):
 
 
 @pytest.mark.parametrize("rows, message", [
-    (['{"problem": "a", "answer": "1"}', '{"problem": "b", "answer": '], r"p.jsonl:2: not valid JSON"),
-    ([{"problem": "a", "answer": "1"}, "", {"problem": "b"}], r"p.jsonl:3: missing field 'answer'"),
-    ([{"question": "a", "answer": "1"}], r"p.jsonl:1: missing field 'problem'"),
+    (['{"id": 1, "problem": "a", "answer": "1"}', '{"problem": "b", "answer": '],
+     r"p.jsonl:2: not valid JSON"),
+    ([{"id": 1, "problem": "a", "answer": "1"}, "", {"id": 2, "problem": "b"}],
+     r"p.jsonl:3: missing field\(s\) \['answer'\]"),
+    ([{"id": 1, "question": "a", "answer": "1"}], r"p.jsonl:1: missing field\(s\) \['problem'\]"),
     (['[1, 2]'], r"p.jsonl:1: expected a JSON object, got list"),
-    ([], r"p.jsonl: no records \(empty file\)"),
-    (["", "  "], r"p.jsonl: no records \(empty file\)"),
+    ([{"id": 1, "problem": [3], "answer": "1"}], r"p.jsonl:1: field 'problem' must be a string"),
+    ([], r"p.jsonl' holds no items"),
+    (["", "  "], r"p.jsonl' holds no items"),
 ])
 def test_malformed_files_are_errors_naming_file_and_line(tmp_path, rows, message):
     path = _write(tmp_path / "p.jsonl", rows)
     with pytest.raises(ValueError, match=message):
-        read_records(path)
+        load_prompts([path], lambda p: p, WordTok(), 8)
 
 
-def test_missing_file_and_non_string_problem_are_errors(tmp_path):
+def test_missing_file_and_no_files_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_records(tmp_path / "nope.jsonl")
-    path = _write(tmp_path / "p.jsonl", [{"problem": 3, "answer": 1}])
-    with pytest.raises(ValueError, match=r"p.jsonl:1: field 'problem' must be a string"):
-        load_prompts([path], lambda p: p, WordTok(), 8)
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        read_records(tmp_path / "nope.parquet")
+    with pytest.raises(ValueError, match="no prompt files"):
+        load_prompts([], lambda p: p, WordTok(), 8)
+
+
+def test_multi_value_answers_come_through_as_tuples(tmp_path):
+    path = _write(tmp_path / "p.jsonl", [{"id": "x", "problem": "a b", "answer": ["1", "-1"]}])
+    ex, _ = load_prompts([path], lambda p: p, WordTok(), 8)
+    assert collate(ex, 4, 0)["answers"] == [("1", "-1")]
 
 
 def test_synthetic_task_round_trips_through_the_pipeline(tmp_path):
@@ -155,4 +165,4 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
                     reason="needs pyarrow and the shared parquet file")
 def test_real_parquet_file_loads():
     rows = read_records(SHARED / "deepscaler_sub/dsr_sub.parquet")
-    assert rows and rows[0]["_where"].endswith("row 0")
+    assert rows and rows[0].problem and rows[0].answer

@@ -126,7 +126,7 @@ def test_splits_are_disjoint_and_records_have_the_prompt_schema():
     assert len(train) == 500 and len(evals) == 50
     assert not {p.prompt for p in train} & {p.prompt for p in evals}
     rec = to_records(evals)[0]
-    assert rec == {"problem": evals[0].prompt, "answer": evals[0].answer}
+    assert rec == {"id": "synthetic-0", "problem": evals[0].prompt, "answer": evals[0].answer}
 
 
 def test_bad_generation_parameters_are_rejected():

@@ -10,8 +10,8 @@ count of prompts skipped for length is known before training starts. Batching, s
 per-epoch shuffling, host sharding and the resumable iterator come from grain's
 ``MapDataset`` (no worker processes: the work per batch is a gather and a pad).
 
-The record reader lives here because ``topd_jax.data.jsonl`` did not exist when this was
-written; errors name the file and line (JSONL) or row (parquet).
+Records are read by ``topd_jax.data.jsonl`` (the one reader, shared with evaluation: every
+error names file and line); parquet rows go through the same record check, named by row.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import grain
 import numpy as np
 
+from topd_jax.data.jsonl import MathItem, parse_math_record, read_math_jsonl
+
 
 class Encoder(Protocol):
     def encode(self, text: str) -> list[int]: ...
@@ -32,8 +34,8 @@ class Encoder(Protocol):
 @dataclass(frozen=True)
 class PromptExample:
     ids: tuple[int, ...]
-    answer: str
-    where: str  # "file:line", for messages
+    answer: str | tuple[str, ...]  # a tuple for a multi-value answer (see rewards.math)
+    where: str  # "<file> id <id>", for messages
 
 
 @dataclass(frozen=True)
@@ -43,40 +45,22 @@ class PromptStats:
     skipped_too_long: int
 
 
-def read_records(path: str | Path, fields: Sequence[str] = ("problem", "answer")) -> list[dict]:
-    """Rows of a ``.jsonl`` or ``.parquet`` file, each with the required ``fields``.
+def read_records(path: str | Path) -> list[MathItem]:
+    """Items of a ``.jsonl`` file (``read_math_jsonl``) or a ``.parquet`` file.
 
-    Each record gets ``"_where"`` = ``"path:line"`` (``"path:row N"`` for parquet).
-    Raises ValueError naming file and line for malformed JSON, a non-object line or a
-    missing field, and for a file without records.
+    Both need ``problem`` and ``answer``; JSONL also needs ``id`` (parquet rows without one
+    get ``"<stem>-<row>"``). Errors name the file and line (row for parquet).
     """
     path = Path(path)
+    if path.suffix != ".parquet":
+        return read_math_jsonl(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    if path.suffix == ".parquet":
-        rows = [(f"{path}:row {i}", r) for i, r in enumerate(_read_parquet(path))]
-    else:
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") \
-                        from None
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist or is not a file")
+    rows = _read_parquet(path)
     if not rows:
-        raise ValueError(f"{path}: no records (empty file)")
-    out = []
-    for where, rec in rows:
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        missing = [k for k in fields if rec.get(k) is None]
-        if missing:
-            raise ValueError(f"{where}: missing field {missing[0]!r} (has: {sorted(rec)})")
-        out.append(dict(rec, _where=where))
-    return out
+        raise ValueError(f"prompt file {str(path)!r} holds no items")
+    return [parse_math_record(dict({"id": f"{path.stem}-{i}"}, **row), f"{path}:row {i}")
+            for i, row in enumerate(rows)]
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -97,14 +81,11 @@ def load_prompts(paths: Sequence[str | Path], format_prompt: Callable[[str], str
         raise ValueError("no prompt files given")
     examples, total = [], 0
     for path in paths:
-        for rec in read_records(path):
+        for item in read_records(path):
             total += 1
-            problem, where = rec["problem"], rec["_where"]
-            if not isinstance(problem, str):
-                raise ValueError(f"{where}: field 'problem' must be a string, got {problem!r}")
-            ids = tuple(int(i) for i in tokenizer.encode(format_prompt(problem)))
+            ids = tuple(int(i) for i in tokenizer.encode(format_prompt(item.problem)))
             if len(ids) <= max_prompt_len:
-                examples.append(PromptExample(ids, str(rec["answer"]).strip(), where))
+                examples.append(PromptExample(ids, item.answer, f"{path} id {item.id}"))
     if not examples:
         raise ValueError(f"all {total} prompts in {list(map(str, paths))} are longer than "
                          f"max_prompt_len={max_prompt_len} tokens")
@@ -113,7 +94,7 @@ def load_prompts(paths: Sequence[str | Path], format_prompt: Callable[[str], str
 
 def collate(examples: Sequence[PromptExample], prompt_len: int, pad_id: int) -> dict[str, Any]:
     """Left-pad to ``prompt_len``: ``prompt_ids [B,P] int32``, ``prompt_mask [B,P] bool``
-    (True on real tokens), ``answers`` list[str]."""
+    (True on real tokens), ``answers`` (str, or tuple of str for a multi-value answer)."""
     ids = np.full((len(examples), prompt_len), pad_id, np.int32)
     mask = np.zeros((len(examples), prompt_len), bool)
     for i, ex in enumerate(examples):

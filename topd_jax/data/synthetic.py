@@ -254,7 +254,8 @@ def supervised_arrays(tok: SyntheticTokenizer, prompts: Sequence[str],
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": target}
 
 
-def to_records(problems: Sequence[Problem]) -> list[dict[str, str]]:
-    """``{"problem", "answer"}`` records, the prompt-file schema of topd_jax.data.prompts."""
-    return [{"problem": p.prompt, "answer": p.answer} for p in problems]
+def to_records(problems: Sequence[Problem], prefix: str = "synthetic") -> list[dict[str, str]]:
+    """``{"id", "problem", "answer"}`` records: the prompt-file schema (topd_jax.data.jsonl)."""
+    return [{"id": f"{prefix}-{i}", "problem": p.prompt, "answer": p.answer}
+            for i, p in enumerate(problems)]
 

@@ -143,7 +143,7 @@ class SyntheticConfig(_Checked):
                               f"max_steps={self.max_steps}")
         if self.max_steps > 7:
             raise ConfigError("max_steps", f"at most 7 (variables a..h), got {self.max_steps}")
-        if self.modulus > 100 or any(self.modulus % d == 0 for d in range(2, self.modulus)):
+        if self.modulus < 2 or self.modulus > 100 or any(self.modulus % d == 0 for d in range(2, self.modulus)):
             raise ConfigError("modulus", f"must be a prime <= 100, got {self.modulus}")
 
 
@@ -154,8 +154,12 @@ class DataConfig(_Checked):
     train_files: tuple[str, ...] = opt((), "JSONL/parquet files with problem/answer fields")
     eval_files: tuple[str, ...] = opt((), "held-out JSONL/parquet files for the eval hook")
     tokenizer: str | None = opt(None, "tokenizer directory (default: the student's path)")
-    template: str = opt("qwen_chat", "prompt template name (topd_jax.data.templates)")
-    system_prompt: str | None = opt(None, "system message for chat templates")
+    template: Literal["qwen-chat", "paper", "plain"] = opt(
+        "qwen-chat", "prompt format (topd_jax.data.templates); plain: the problem text as is")
+    system_prompt: str | None = opt(None, "system message (qwen-chat)")
+    thinking: bool = opt(True, "qwen-chat: False appends Qwen3's empty think block")
+    instruction: str | None = opt(None, "qwen-chat instruction after the problem (None: "
+                                  "the template's boxed-answer default)")
     prompts_per_step: int = opt(1, "prompts per optimizer step (global, all hosts)", _positive)
     max_prompt_len: int = opt(800, "prompts longer than this (tokens) are skipped", _positive)
     shuffle: bool = opt(True, "shuffle prompts (seeded, reshuffled every epoch)")
@@ -165,6 +169,10 @@ class DataConfig(_Checked):
     def _validate(self):
         if self.source == "files" and not self.train_files:
             raise ConfigError("train_files", "data.source='files' needs at least one file")
+        if self.template != "qwen-chat" and (self.system_prompt is not None
+                                             or self.instruction is not None or not self.thinking):
+            raise ConfigError("template", f"system_prompt, instruction and thinking apply to "
+                              f"qwen-chat only, got template={self.template!r}")
 
 
 @dataclass(frozen=True)
