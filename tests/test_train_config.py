@@ -192,3 +192,15 @@ def test_probability_and_size_checks_accept_exactly_the_valid_range(q, w):
 def test_demo_config_loads():
     cfg = load_config(ROOT / "configs/demo.yaml")
     assert cfg.data.source == "synthetic" and cfg.student.is_specified
+
+
+def test_model_spec_fields_are_model_config_fields():
+    models = pytest.importorskip("topd_jax.models")
+    names = {f.name for f in dataclasses.fields(models.ModelConfig)}
+    spec_fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"path", "preset"}
+    assert spec_fields <= names, spec_fields - names
+    cfg = load_config(ROOT / "configs/demo.yaml")
+    for spec in (cfg.student, cfg.teacher):
+        mc = models.ModelConfig(**spec.arch_overrides(), dtype=spec.dtype)
+        assert mc.vocab_size >= 122  # the synthetic tokenizer's ids fit
+    assert models.ModelConfig.preset("tiny-student") is not None

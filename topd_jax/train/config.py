@@ -86,12 +86,14 @@ class ModelSpec(_Checked):
     intermediate_size: int | None = opt(None, "MLP intermediate size override", _positive)
     max_position_embeddings: int | None = opt(None, "max positions override", _positive)
     rope_theta: float | None = opt(None, "RoPE base override", _positive)
+    rms_norm_eps: float | None = opt(None, "RMSNorm epsilon override", _positive)
     tie_word_embeddings: bool | None = opt(None, "tie input embedding and LM head")
     qk_norm: bool | None = opt(None, "per-head RMSNorm on q/k (Qwen3 style)")
     qkv_bias: bool | None = opt(None, "bias on q/k/v projections (Qwen2/2.5 style)")
     dtype: Dtype = opt("float32", "compute dtype")
     param_dtype: Dtype = opt("float32", "parameter dtype")
-    remat: Literal["none", "full", "dots"] = opt("none", "rematerialisation policy per layer")
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = opt(
+        "none", "rematerialisation policy per layer (topd_jax.models)")
 
     def _validate(self):
         if self.path is not None and self.preset is not None:
