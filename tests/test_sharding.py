@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests._hf_tiny import random_model
-from topd_jax.models import CACHE_KV_AXES, CACHE_MASK_AXES, ModelConfig, default_positions
+from topd_jax.models import CACHE_KV_AXES, CACHE_MASK_AXES, ModelConfig, default_positions, init_model
 from topd_jax.sharding import LOGICAL_AXIS_RULES, MeshConfig, constrain, logical_to_spec, make_mesh, shard_model
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -125,3 +125,11 @@ def test_changing_the_rules_changes_the_parallelism(mesh):
     model = random_model(CFG)
     shard_model(model, mesh, rules=(("act_batch", ("data", "fsdp", "tensor")),))
     assert model.layers[0].attn.q_proj[...].sharding.spec == P(None, None, None)
+
+
+def test_init_model_creates_parameters_directly_in_their_shardings(mesh):
+    model = init_model(CFG, seed=3, mesh=mesh)
+    assert model.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert model.layers[1].mlp.gate_proj[...].sharding.spec == P("tensor", "fsdp")
+    assert abs(float(np.std(np.asarray(model.embed[...]))) - 0.02) < 0.002  # HF's initializer_range
+    assert np.all(np.asarray(model.final_norm.weight[...]) == 1.0)

@@ -9,6 +9,7 @@ The contract (shared with rollout and training):
     cache = model.init_cache(batch, max_len)     # KVCache(k, v [L,B,S,Hkv,Dh], mask [B,S], index)
 """
 
+from topd_jax.models.build import init_model
 from topd_jax.models.cache import CACHE_KV_AXES, CACHE_MASK_AXES, KVCache
 from topd_jax.models.config import PRESETS, ModelConfig
 from topd_jax.models.qwen import Qwen, default_positions
@@ -34,5 +35,6 @@ __all__ = [
     "PRESETS",
     "Qwen",
     "default_positions",
+    "init_model",
     "load_pretrained",
 ]
