@@ -38,7 +38,7 @@ def check_local_dir(path: str | os.PathLike) -> Path:
     s = os.fspath(path)
     if not p.exists() and s.count("/") == 1 and not s.startswith((".", "/", "~")):
         raise FileNotFoundError(
-            f"{s!r} is not a local directory; it looks like a Hugging Face hub id. topd_jax never downloads: "
+            f"{s!r} is not a local directory; if it is a Hugging Face hub id: topd_jax never downloads, "
             f"fetch the weights first (e.g. `huggingface-cli download {s} --local-dir ./{s.split('/')[1]}`) "
             f"and pass that directory."
         )
@@ -135,8 +135,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
     _check_names(table, located, src_cfg, directory)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen(cfg, rngs=nnx.Rngs(0))))
-    shardings = nnx.to_flat_state(state_shardings(abstract, mesh, rules)) if mesh is not None else None
-    shardings = dict(shardings) if shardings is not None else {}
+    shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh, rules))) if mesh is not None else {}
     variables = dict(nnx.to_flat_state(abstract))
     np_dtype = np.dtype(cfg.weight_dtype)
     for spec in table:

@@ -101,8 +101,9 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg, "normal")  # self_attn.q_proj.weight
-        self.k_proj = _param(rngs, (k, h, d), ("kv_heads", "head_dim", "embed"), cfg, "normal")  # self_attn.k_proj.weight
-        self.v_proj = _param(rngs, (k, h, d), ("kv_heads", "head_dim", "embed"), cfg, "normal")  # self_attn.v_proj.weight
+        kv_axes = ("kv_heads", "head_dim", "embed")
+        self.k_proj = _param(rngs, (k, h, d), kv_axes, cfg, "normal")  # self_attn.k_proj.weight
+        self.v_proj = _param(rngs, (k, h, d), kv_axes, cfg, "normal")  # self_attn.v_proj.weight
         self.o_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg, "normal")  # self_attn.o_proj.weight
         if cfg.qkv_bias:  # Qwen2 / 2.5
             self.q_bias = _param(None, (n, h), ("heads", "head_dim"), cfg, "zeros")  # self_attn.q_proj.bias
@@ -186,13 +187,14 @@ class Qwen(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, "normal")  # model.embed_tokens.weight
+        v, d = cfg.vocab_size, cfg.hidden_size
+        self.embed = _param(rngs, (v, d), ("vocab", "embed"), cfg, "normal")  # model.embed_tokens.weight
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])  # model.layers.{i}
         self.final_norm = RMSNorm(cfg.hidden_size, cfg)  # model.norm.weight
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, "normal")  # lm_head.weight
+            self.lm_head = _param(rngs, (v, d), ("vocab", "embed"), cfg, "normal")  # lm_head.weight [V, d]
 
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
