@@ -52,6 +52,7 @@ def test_run_eval_writes_records_and_consistent_summary(tmp_path):
     # maj@4: a has 2 right vs 2 "7" (tie, 0.5); b has 2 right vs 1 "7" + 1 abstain (1.0)
     assert t1["pass@4"] == 1.0 and t1["maj@4"] == 0.75
     assert summary["average"]["pass@1"] == 0.5
+    assert summary["timing"]["generated_tokens"] == sum(x["length"] for x in lines)
     table = (tmp_path / "summary.txt").read_text()
     assert table.splitlines()[-1].startswith("avg")
 

@@ -4,7 +4,9 @@
 rounds of completions (round j = one completion per prompt), grades them, and writes
 
     OUT/samples.jsonl   one SampleRecord per line, written round by round
-    OUT/summary.json    {"config": ..., "datasets": {name: summary}, "average": ...}
+    OUT/summary.json    {"config": ..., "datasets": {name: summary}, "average": ...,
+                         "timing": {generate_s, generated_tokens, tokens_per_s, grade_s}}
+    OUT/summary.txt     the table printed by the command
 
 and returns the summary dict. ``generate(prompts, round_index) -> [Generation]`` owns the
 model, batching and randomness; the eval command builds it from the model and the sampler
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +68,13 @@ def run_eval(
 
     bar = tqdm(total=samples * len(flat), desc="eval", unit="sample", disable=not progress)
     records = {name: [] for name in datasets}
+    generate_s = grade_s = 0.0
     with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
         for j in range(samples):
+            t0 = time.perf_counter()
             gens = list(generate(prompts, j))
+            t1 = time.perf_counter()
+            generate_s += t1 - t0
             if len(gens) != len(prompts):
                 raise ValueError(
                     f"generate returned {len(gens)} completions for {len(prompts)} prompts"
@@ -80,11 +87,13 @@ def run_eval(
                 f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
                 bar.update(1)
             f.flush()
+            grade_s += time.perf_counter() - t1
             if progress:
                 done = [r for rs in records.values() for r in rs]
                 bar.set_postfix(acc=f"{sum(r.correct for r in done) / len(done):.3f}")
     bar.close()
 
+    tokens = sum(r.length for rs in records.values() for r in rs)
     per_dataset = {
         name: summarize(recs, ks=ks, timeout_s=timeout_s) for name, recs in records.items()
     }
@@ -92,6 +101,13 @@ def run_eval(
         "config": {**dict(config or {}), "samples": samples, "template": template.to_dict()},
         "datasets": per_dataset,
         "average": macro_average(per_dataset),
+        "timing": {
+            # generate_s includes compilation (first batch of each shape)
+            "generate_s": generate_s,
+            "generated_tokens": tokens,
+            "tokens_per_s": tokens / generate_s if generate_s > 0 else None,
+            "grade_s": grade_s,
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     table = dict(per_dataset)
