@@ -1,0 +1,155 @@
+"""TOPD branching (TOPD.md §3): from the prefixes c_t = (x, y_<t) of whole sequences, generate
+K tokens with any model, every candidate of every row in one batched call.
+
+    out = continue_from(teacher, res.sequences, res.sequence_mask, branch_at,   # branch_at [b, c]
+                        key=key, num_tokens=50)
+    out.tokens [b * c, K]; out.sequences = c_t followed by the continuation, ready to teacher-force
+
+How the prefix is reused. The b whole sequences are prefilled ONCE (or not at all when the
+caller passes a cache that already holds them, e.g. `generate(..., return_cache=True)`); the
+filled cache is repeated c times along the batch and each copy's slots >= t are masked out
+(the slot-mask KV cache). The decode then appends after slot L, with positions continuing
+from the prefix. Instead of the hidden state at t-1 (not kept in a cache), the last prefix
+token is hidden too and fed again as the first decode step, so both paths share one code
+path; it costs one single-token step.
+
+Row order: output row b * c + j is candidate j of sequence b. Keys as in `generate`: one key
+(split into b * c row keys) or b * c keys; continuation step s of row r uses
+fold_in(row_key[r], s), exactly as `generate` would from the truncated prefix.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from topd_jax.models import KVCache, default_positions
+from topd_jax.rollout.engine import (
+    GenerationResult,
+    assemble,
+    check_eos_ids,
+    constrain_cache,
+    decode,
+    left_align,
+    row_keys,
+)
+from topd_jax.rollout.sampling import SamplingConfig
+from topd_jax.sharding import constrain
+
+
+def _resize_slots(cache: KVCache, slots: int) -> KVCache:
+    """Cut or zero-pad the slot axis to `slots` (new slots masked)."""
+    have = cache.max_len
+    if have >= slots:
+        return cache.replace(k=cache.k[:, :, :slots], v=cache.v[:, :, :slots], mask=cache.mask[:, :slots])
+    pad = slots - have
+    kv_pad = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+    return cache.replace(k=jnp.pad(cache.k, kv_pad), v=jnp.pad(cache.v, kv_pad),
+                         mask=jnp.pad(cache.mask, ((0, 0), (0, pad))))
+
+
+def _repeat_rows(cache: KVCache, times: int) -> KVCache:
+    return cache.replace(k=jnp.repeat(cache.k, times, axis=1), v=jnp.repeat(cache.v, times, axis=1),
+                         mask=jnp.repeat(cache.mask, times, axis=0))
+
+
+def continue_impl(model, sequences: jax.Array, sequence_mask: jax.Array, branch_at: jax.Array,
+                  keys: jax.Array, cache: KVCache | None, *, num_tokens: int, sampling: SamplingConfig,
+                  eos_ids: tuple[int, ...], pad_id: int, return_cache: bool) -> GenerationResult:
+    """The traced body of `continue_from` (inside jit; branch_at [b, c], keys [b * c])."""
+    batch, length = sequences.shape
+    per_row = branch_at.shape[1]
+    seq_mask = sequence_mask.astype(bool)
+    slots = length + num_tokens  # L prefix slots, the re-fed token, K - 1 fed continuation tokens
+    if cache is None:  # prefill each sequence once; its hidden states / logits are not needed
+        cache = constrain_cache(model.init_cache(batch, slots))
+        _, cache = model.hidden_states(constrain(sequences, ("act_batch", "act_seq")),
+                                       positions=default_positions(seq_mask), attention_mask=seq_mask, cache=cache)
+    else:
+        cache = _resize_slots(cache, slots)
+    cache = _repeat_rows(cache, per_row)  # [.., b * c, ..]: one copy per candidate, no recompute
+
+    ids = jnp.repeat(sequences, per_row, axis=0)  # [r, L]
+    t = branch_at.reshape(-1)  # [r]
+    cols = jnp.arange(length)[None, :]
+    prefix = jnp.repeat(seq_mask, per_row, axis=0) & (cols < t[:, None])  # c_t: real tokens before t
+    last = length - 1 - jnp.argmax(jnp.flip(prefix, axis=1), axis=1)  # [r] last real column < t
+    visible = prefix & (cols < last[:, None])  # the last prefix token is fed again below
+    cache = cache.replace(mask=jnp.pad(visible, ((0, 0), (0, num_tokens))), index=jnp.asarray(length, jnp.int32))
+    cache = constrain_cache(cache)
+
+    last_token = jnp.take_along_axis(ids, last[:, None], axis=1)  # [r, 1]
+    position = visible.sum(axis=1, dtype=jnp.int32)  # [r] = position of the last prefix token
+    hidden, cache = model.hidden_states(last_token, positions=position[:, None],
+                                        attention_mask=jnp.ones_like(last_token, bool), cache=cache)
+    logits = model.compute_logits(hidden)[:, 0]
+    decoded = decode(model, constrain_cache(cache), logits, position + 1, keys, num_tokens=num_tokens,
+                     sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+    prefix_ids, prefix_mask = left_align(ids, prefix)
+    return assemble(prefix_ids, prefix_mask, decoded, decoded[-1] if return_cache else None, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling", "eos_ids", "pad_id",
+                                             "return_cache"))
+def _continue_jit(graphdef, state, sequences, sequence_mask, branch_at, keys, cache, **static):
+    return continue_impl(nnx.merge(graphdef, state), sequences, sequence_mask, branch_at, keys, cache, **static)
+
+
+def _check_branch_at(branch_at: np.ndarray, sequence_mask: np.ndarray) -> None:
+    """Every branch point needs a real token before it (the prefix c_t is never empty)."""
+    length = sequence_mask.shape[1]
+    bad = (branch_at < 1) | (branch_at > length)
+    if bad.any():
+        b, j = np.argwhere(bad)[0]
+        raise ValueError(f"branch_at[{b}, {j}] = {branch_at[b, j]}; expected 1 <= t <= sequence length {length}")
+    real_before = np.cumsum(sequence_mask, axis=1)  # [b, L]: real tokens in columns <= j
+    count = np.take_along_axis(real_before, branch_at - 1, axis=1)  # real tokens before t
+    if (count == 0).any():
+        b, j = np.argwhere(count == 0)[0]
+        raise ValueError(f"branch_at[{b}, {j}] = {branch_at[b, j]}: row {b} has no real token before it")
+
+
+def continue_from(model, sequences, sequence_mask, branch_at, *, key, num_tokens: int,
+                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(),
+                  pad_id: int = 0, cache: KVCache | None = None, return_cache: bool = False) -> GenerationResult:
+    """Generate `num_tokens` tokens from the prefix before each branch point, as one compiled call.
+
+    sequences, sequence_mask [b, L]: whole sequences (e.g. `GenerationResult.sequences` and
+    `.sequence_mask`); any gaps or padding are allowed, positions are cumsum(mask) - 1.
+    branch_at [b] or [b, c] int: column of the token to regenerate; the prefix is the real
+    tokens in columns < t (1 <= t <= L; t = L continues after the whole sequence).
+    cache: optional KVCache [.., b, >= L - 1 slots, ..] already holding these sequences, slot
+    j = column j (as `generate(..., return_cache=True)` returns); skips the prefill.
+    Sampling arguments as in `generate`.
+
+    Returns a `GenerationResult` with rows b * c: `tokens`/`mask`/... [b * c, num_tokens] are
+    the continuations, `sequences` [b * c, L + num_tokens] the left-aligned prefix c_t followed
+    by the continuation (teacher-force it with the usual shift by one).
+    """
+    sequences = jnp.asarray(sequences)
+    host_mask = np.asarray(sequence_mask).astype(bool)  # for the checks; the arrays stay where they are
+    if sequences.ndim != 2 or sequences.shape != host_mask.shape:
+        raise ValueError(f"sequences {sequences.shape} and sequence_mask {sequence_mask.shape}: "
+                         f"expected the same [batch, length] shape")
+    branch_at = np.asarray(branch_at, np.int32)
+    if branch_at.ndim == 1:
+        branch_at = branch_at[:, None]
+    if branch_at.ndim != 2 or branch_at.shape[0] != sequences.shape[0]:
+        raise ValueError(f"branch_at {branch_at.shape}: expected [batch] or [batch, candidates] with "
+                         f"batch = {sequences.shape[0]} (sequences {sequences.shape})")
+    _check_branch_at(branch_at, host_mask)
+    if not (isinstance(num_tokens, int) and num_tokens >= 1):
+        raise ValueError(f"num_tokens={num_tokens!r}; expected an int >= 1")
+    if cache is not None and (cache.k.shape[1] != sequences.shape[0] or cache.max_len < sequences.shape[1] - 1):
+        raise ValueError(f"cache k {cache.k.shape}: expected batch {sequences.shape[0]} and at least "
+                         f"{sequences.shape[1] - 1} slots for sequences {sequences.shape}")
+    sampling = SamplingConfig(float(temperature), float(top_p), top_k)
+    keys = row_keys(jnp.asarray(key), branch_at.size)
+    graphdef, state = nnx.split(model)
+    return _continue_jit(graphdef, state, jnp.asarray(sequences, jnp.int32), jnp.asarray(sequence_mask, bool),
+                         jnp.asarray(branch_at), keys, cache, num_tokens=num_tokens, sampling=sampling,
+                         eos_ids=check_eos_ids(eos_ids), pad_id=int(pad_id), return_cache=return_cache)
