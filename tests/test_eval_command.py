@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 MAX_NEW = 6
+pytestmark = pytest.mark.slow  # ≈ 30 s: two sampler compilations
 
 
 @pytest.fixture(scope="module")
