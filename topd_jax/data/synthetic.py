@@ -1,10 +1,10 @@
 """The embedded demo task: modular arithmetic chains with verifiable answers.
 
 A problem defines a start value and a chain of steps, each applying one operation with a
-constant to the previous variable, all modulo a prime ``p`` (default 13)::
+constant to the previous variable, all modulo a prime ``p`` (default 7)::
 
-    prompt:    a = 3 ; b = a + 4 ; c = 2 * b ; ? c
-    solution:  b = 3 + 4 = 7 so c = 7 * 2 = 1 ; answer 1
+    prompt:    a = 3 ; b = a + 2 ; c = 3 * b ; ? c
+    solution:  b = 3 + 2 = 5 so c = 5 * 3 = 1 ; answer 1
 
 Solutions have
 - **surface-form freedom** that never changes the answer: the connective between steps
@@ -99,7 +99,7 @@ def _is_prime(n: int) -> bool:
 
 
 def generate_problems(n: int, seed: int | Sequence[int], *, min_steps: int = 2,
-                      max_steps: int = 4, modulus: int = 13) -> list[Problem]:
+                      max_steps: int = 4, modulus: int = 7) -> list[Problem]:
     """``n`` random problems, deterministic in ``seed``."""
     if not _is_prime(modulus) or modulus > 100:
         raise ValueError(f"modulus must be a prime <= 100 (slips must always derail), "
@@ -123,7 +123,7 @@ def generate_problems(n: int, seed: int | Sequence[int], *, min_steps: int = 2,
 
 
 def make_splits(num_train: int, num_eval: int, seed: int, *, min_steps: int = 2,
-                max_steps: int = 4, modulus: int = 13) -> tuple[list[Problem], list[Problem]]:
+                max_steps: int = 4, modulus: int = 7) -> tuple[list[Problem], list[Problem]]:
     """Train and held-out eval problems from disjoint streams; eval prompts never in train."""
     kw = dict(min_steps=min_steps, max_steps=max_steps, modulus=modulus)
     train = generate_problems(num_train, [seed, 0], **kw)

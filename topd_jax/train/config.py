@@ -136,7 +136,8 @@ class SyntheticConfig(_Checked):
     num_eval: int = opt(256, "held-out evaluation problems", _positive)
     min_steps: int = opt(2, "fewest derived variables per problem", _positive)
     max_steps: int = opt(4, "most derived variables per problem (<= 7)", _positive)
-    modulus: int = opt(13, "arithmetic modulus, a prime <= 100", _positive)
+    modulus: int = opt(7, "arithmetic modulus, a prime <= 100 (larger: harder to learn)",
+                       _positive)
     seed: int = opt(1234, "generation seed (eval set uses a disjoint stream)")
 
     def _validate(self):
