@@ -59,16 +59,29 @@ def read_records(path: str | Path) -> list[MathItem]:
     rows = _read_parquet(path)
     if not rows:
         raise ValueError(f"prompt file {str(path)!r} holds no items")
-    return [parse_math_record(dict({"id": f"{path.stem}-{i}"}, **row), f"{path}:row {i}")
+    return [parse_math_record(_from_verl_row(dict({"id": f"{path.stem}-{i}"}, **row)), f"{path}:row {i}")
             for i, row in enumerate(rows)]
 
 
+def _from_verl_row(row: dict) -> dict:
+    """verl-format rows (``prompt`` = chat messages, ``reward_model.ground_truth``) ->
+    ``problem``/``answer``: the last user message, and the ground truth. Other rows pass
+    through unchanged (and are validated by ``parse_math_record``).
+
+    verl data files bake an instruction into the user message; we keep it verbatim, since
+    our own prompt template may or may not add one (choose the template accordingly).
+    """
+    if "problem" in row or not isinstance(row.get("prompt"), list) or not isinstance(row.get("reward_model"), dict):
+        return row
+    users = [m["content"] for m in row["prompt"] if isinstance(m, dict) and m.get("role") == "user"]
+    if not users or "ground_truth" not in row["reward_model"]:
+        return row
+    return dict(row, problem=users[-1], answer=row["reward_model"]["ground_truth"])
+
+
 def _read_parquet(path: Path) -> list[dict]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow); "
-                          "JSONL files need nothing extra") from None
+    import pyarrow.parquet as pq  # imported here: only parquet users pay for it
+
     return pq.read_table(path).to_pylist()
 
 
