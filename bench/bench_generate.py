@@ -115,9 +115,9 @@ def bench_batch(model, hf, batch: int, args) -> None:
     ref = out["torch"].numpy()[:, args.prompt_len:]
     got = np.asarray(out["ours"].tokens)
     first_diff = [int(np.argmax(r != g)) if (r != g).any() else args.new_tokens for r, g in zip(ref, got)]
-    print(f"  speed-up ours/transformers: {torch_med / ours_med:.2f}x   identical rows {sum(d == args.new_tokens for d in first_diff)}"
-          f"/{batch}, median first differing step {int(np.median(first_diff))} (near-ties of a random model)",
-          flush=True)
+    same = sum(d == args.new_tokens for d in first_diff)
+    print(f"  speed-up ours/transformers: {torch_med / ours_med:.2f}x   identical rows {same}/{batch}, median first "
+          f"differing step {int(np.median(first_diff))} (near-ties of a random model)", flush=True)
 
 
 def bandwidth_bound(cfg: ModelConfig, batch: int, args, seconds: float) -> None:

@@ -84,3 +84,14 @@ def test_bad_branch_points_are_refused_by_name(model, rollouts):
     small = jax.tree.map(lambda x: x[:, :2] if x.ndim == 5 else x[:2] if x.ndim == 2 else x, rollouts.cache)
     with pytest.raises(ValueError, match="expected batch 3"):
         continue_from(model, seq, seq_mask, BRANCH_AT, key=jax.random.key(0), num_tokens=K, cache=small)
+
+
+def test_readme_rollout_example_runs():
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("\n## Rollout\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "README's Rollout section has no python example"
+    exec(compile(blocks[0], str(readme), "exec"), {})

@@ -221,6 +221,7 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens: int, temper
     Compiled once per (model structure, shapes, sampling settings, mesh); later calls with the
     same shapes reuse it. Run it inside `jax.set_mesh(mesh)` for a sharded model.
     """
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape}: "
                          f"expected the same [batch, prompt_len] shape")
@@ -231,6 +232,6 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens: int, temper
     sampling = SamplingConfig(float(temperature), float(top_p), top_k)
     keys = row_keys(jnp.asarray(key), prompt_ids.shape[0] * num_samples)
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
-                         keys, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=check_eos_ids(eos_ids),
-                         pad_id=int(pad_id), num_samples=num_samples, return_cache=return_cache)
+    return _generate_jit(graphdef, state, prompt_ids, prompt_mask, keys, max_new_tokens=max_new_tokens,
+                         sampling=sampling, eos_ids=check_eos_ids(eos_ids), pad_id=int(pad_id),
+                         num_samples=num_samples, return_cache=return_cache)
