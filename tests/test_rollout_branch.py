@@ -6,7 +6,7 @@ import pytest
 
 from tests._hf_tiny import jitted_forward, random_model
 from topd_jax.models import ModelConfig
-from topd_jax.rollout import continue_from, generate
+from topd_jax.rollout import branch_points, continue_from, generate
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                   intermediate_size=48, rope_theta=1e4, tie_word_embeddings=False)
@@ -84,6 +84,15 @@ def test_bad_branch_points_are_refused_by_name(model, rollouts):
     small = jax.tree.map(lambda x: x[:, :2] if x.ndim == 5 else x[:2] if x.ndim == 2 else x, rollouts.cache)
     with pytest.raises(ValueError, match="expected batch 3"):
         continue_from(model, seq, seq_mask, BRANCH_AT, key=jax.random.key(0), num_tokens=K, cache=small)
+
+
+def test_branch_points_are_the_first_candidates_then_the_length():
+    candidates = np.zeros((3, 10), bool)
+    candidates[0, [7, 2, 5]] = True
+    candidates[1, [4]] = True
+    at, valid = branch_points(jax.numpy.asarray(candidates), 2)
+    np.testing.assert_array_equal(at, [[2, 5], [4, 10], [10, 10]])
+    np.testing.assert_array_equal(valid, [[True, True], [True, False], [False, False]])
 
 
 def test_readme_rollout_example_runs():

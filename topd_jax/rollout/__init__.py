@@ -9,7 +9,7 @@
 from topd_jax.rollout.engine import GenerationResult, generate, generate_impl
 
 # ---- branching (TOPD continuations) -------------------------------------------------------
-from topd_jax.rollout.branch import continue_from, continue_impl
+from topd_jax.rollout.branch import branch_points, continue_from, continue_impl
 
 # ---- sampling -----------------------------------------------------------------------------
 from topd_jax.rollout.sampling import SamplingConfig, sample, sampling_logits, top_k_mask, top_p_mask
@@ -17,6 +17,7 @@ from topd_jax.rollout.sampling import SamplingConfig, sample, sampling_logits, t
 __all__ = [
     "GenerationResult",
     "SamplingConfig",
+    "branch_points",
     "continue_from",
     "continue_impl",
     "generate",

@@ -99,6 +99,22 @@ def _continue_jit(graphdef, state, sequences, sequence_mask, branch_at, keys, ca
     return continue_impl(nnx.merge(graphdef, state), sequences, sequence_mask, branch_at, keys, cache, **static)
 
 
+def branch_points(candidates: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+    """Branch columns from a candidate mask (e.g. `topd_jax.losses.select_candidates` over the
+    columns of `sequences`), ready for `continue_from`.
+
+    candidates [b, L] bool -> (branch_at [b, num] int32, valid [b, num] bool): the first `num`
+    candidate columns of each row, left to right. Missing ones (valid False) are set to L,
+    which `continue_from` accepts (it continues after the whole sequence); ignore their rows.
+    """
+    length = candidates.shape[1]
+    cols = jnp.where(candidates, jnp.arange(length, dtype=jnp.int32), length)  # [b, L]
+    first = jnp.sort(cols, axis=1)[:, :num]  # candidate columns in order, then L
+    if num > length:
+        first = jnp.pad(first, ((0, 0), (0, num - length)), constant_values=length)
+    return first, first < length
+
+
 def _check_branch_at(branch_at: np.ndarray, sequence_mask: np.ndarray) -> None:
     """Every branch point needs a real token before it (the prefix c_t is never empty)."""
     length = sequence_mask.shape[1]
