@@ -1,0 +1,108 @@
+"""Shared scoring helpers: teacher-forced forwards, token alignment, per-token terms.
+
+Alignment convention (used by every algorithm): arrays over a sequence ``[rows, L]`` are
+**token-indexed**. Entry ``t`` of a per-token quantity belongs to token ``ids[:, t]`` and is
+computed from the model's output at position ``t - 1`` (the logits at position ``i``
+predict token ``i + 1``). ``to_token_index`` does that shift once; entry 0 (no context) is
+always 0 / masked. Completion masks from ``rollout`` are token-indexed already, so
+``mask = completion_mask`` marks exactly the tokens the loss is taken on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from topd_jax.losses import chunked_token_divergence, token_divergence
+from topd_jax.models import default_positions
+
+
+def to_token_index(x: jax.Array) -> jax.Array:
+    """Position-indexed ``[rows, L, ...]`` -> token-indexed: ``out[:, t] = x[:, t - 1]``,
+    ``out[:, 0] = 0``."""
+    pad = [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x[:, :-1], pad)
+
+
+def hidden_states(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Teacher-forced final hidden states ``[rows, L, d]`` (positions = cumsum(mask) - 1)."""
+    mask = mask.astype(bool)
+    hidden, _ = model.hidden_states(ids, positions=default_positions(mask), attention_mask=mask)
+    return hidden
+
+
+def token_divergences(student_hidden, student_head, teacher_hidden, teacher_head, mask, *,
+                      kind: str, beta: float, temperature: float, chunk: int | None) -> jax.Array:
+    """Per-token divergence ``[rows, L]``, token-indexed, 0 off ``mask``.
+
+    student_hidden/teacher_hidden ``[rows, L, d_s|d_t]`` position-indexed; heads ``[d, V]``.
+    ``chunk`` None: whole logits (small vocabularies); an int: ``chunked_token_divergence``
+    with that many positions per chunk, so ``[rows, L, V]`` of both models is never live.
+    """
+    hs, ht = to_token_index(student_hidden), to_token_index(teacher_hidden)
+    if chunk is not None:
+        return chunked_token_divergence(hs, student_head, ht, teacher_head, mask, chunk_size=chunk,
+                                        kind=kind, beta=beta, temperature=temperature)
+    ls = jnp.einsum("btd,dv->btv", hs, student_head.astype(hs.dtype), preferred_element_type=jnp.float32)
+    lt = jnp.einsum("btd,dv->btv", ht, teacher_head.astype(ht.dtype), preferred_element_type=jnp.float32)
+    return token_divergence(ls, lax.stop_gradient(lt), mask, kind=kind, beta=beta, temperature=temperature)
+
+
+def token_logprobs(hidden: jax.Array, head: jax.Array, ids: jax.Array, mask: jax.Array, *,
+                   temperature: float = 1.0, chunk: int | None = None) -> jax.Array:
+    """``log p(ids[:, t] | ids[:, :t])`` token-indexed ``[rows, L]`` float32, 0 off ``mask``.
+
+    hidden ``[rows, L, d]`` position-indexed; head ``[d, V]``. With ``chunk`` the sequence is
+    scanned ``chunk`` positions at a time (rematerialised), never holding ``[rows, L, V]``.
+    """
+    h = to_token_index(hidden).astype(jnp.float32)
+    w = head.astype(jnp.float32)
+    valid = mask.astype(bool)
+
+    def picked(h_c, ids_c):  # [B, c, d], [B, c] -> [B, c]
+        logits = jnp.einsum("bcd,dv->bcv", h_c, w) / temperature  # float32: stable log-softmax
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.take_along_axis(logits, ids_c[..., None], axis=-1)[..., 0] - lse
+
+    rows, length = ids.shape
+    if chunk is None or chunk >= length:
+        out = picked(h, ids)
+    else:
+        n = -(-length // chunk)
+        pad = n * chunk - length
+        hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(rows, n, chunk, -1).swapaxes(0, 1)
+        ip = jnp.pad(ids, ((0, 0), (0, pad))).reshape(rows, n, chunk).swapaxes(0, 1)
+        body = jax.checkpoint(lambda c, xs: (c, picked(*xs)), prevent_cse=False)
+        _, out = lax.scan(body, None, (hp, ip))
+        out = out.swapaxes(0, 1).reshape(rows, n * chunk)[:, :length]
+    return jnp.where(valid, out, 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_jit(graphdef, state, ids, mask):
+    return hidden_states(nnx.merge(graphdef, state), ids, mask)
+
+
+def forward_hidden(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Jitted ``hidden_states`` of a (frozen) model: ``[rows, L, d]``."""
+    graphdef, state = nnx.split(model)
+    return _forward_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("temperature", "chunk"))
+def _logprob_jit(graphdef, state, ids, mask, target_mask, *, temperature, chunk):
+    model = nnx.merge(graphdef, state)
+    return token_logprobs(hidden_states(model, ids, mask), model.lm_head_weight(), ids, target_mask,
+                          temperature=temperature, chunk=chunk)
+
+
+def score_tokens(model, ids: jax.Array, mask: jax.Array, target_mask: jax.Array, *,
+                 temperature: float = 1.0, chunk: int | None = None) -> jax.Array:
+    """Jitted ``token_logprobs`` of ``ids`` under ``model`` (no gradient): ``[rows, L]``."""
+    graphdef, state = nnx.split(model)
+    return _logprob_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
+                        jnp.asarray(target_mask, bool), temperature=float(temperature), chunk=chunk)

@@ -1,0 +1,257 @@
+"""TOPD (TOPD.md §2-4): high-loss candidates, a near-future detector, suppression of false
+alarms, and multi-token guidance at divergent states. Also OPD + suppression (guidance off)
+and the high-divergence ablation, by config.
+
+One step, after the OPD rollouts and teacher scoring (opd.py):
+1. ℓ_t (no gradient) -> C candidate slots per rollout (``[R, C]`` positions + valid mask;
+   fixed shapes, so everything compiles once);
+2. D_t per slot: ``kl_window`` (no generation), ``ot_embedding`` (K-token continuations of
+   teacher and student from c_t = (x, y_<t), embedded with the student's table, entropic
+   OT) or ``margin_w1`` (N continuations per side, margins of log p_T - log p_θ, W1);
+3. over the whole batch: suppression weights w_t and guided points (most divergent first);
+4. guidance rows c_t + a (teacher continuation) with the teacher's hidden states at the K
+   predicting positions, for ``L_traj`` in the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from topd_jax.algorithms import opd
+from topd_jax.algorithms.opd import Frozen, Pair, timed
+from topd_jax.algorithms.scoring import forward_hidden, hidden_states, score_tokens, token_divergences
+from topd_jax.losses import (
+    false_alarms,
+    margin_w1,
+    near_future_window,
+    ot_distance,
+    select_candidates,
+    select_candidates_quantile,
+    select_guidance_points,
+)
+from topd_jax.rollout import GenerationResult, continue_from
+from topd_jax.rollout.engine import left_align
+from topd_jax.train.config import RunConfig
+
+
+# ---- ℓ_t and candidates ---------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("kind", "beta", "temperature", "chunk"))
+def _token_loss_jit(graphdef, params, ids, seq_mask, loss_mask, teacher_hidden, teacher_head, **kw):
+    model = nnx.merge(graphdef, params)
+    return token_divergences(hidden_states(model, ids, seq_mask), model.lm_head_weight(), teacher_hidden,
+                             teacher_head, loss_mask, **kw)
+
+
+def token_loss(cfg: RunConfig, student, rows: dict, teacher_hidden, teacher_head) -> jax.Array:
+    """ℓ_t ``[R, L]`` token-indexed, no gradient: the configured per-token divergence."""
+    graphdef, params = nnx.split(student)
+    return _token_loss_jit(graphdef, params, rows["ids"], rows["seq_mask"], rows["loss_mask"], teacher_hidden,
+                           teacher_head, kind=cfg.loss.divergence, beta=cfg.loss.jsd_beta,
+                           temperature=cfg.loss.kd_temperature, chunk=cfg.loss.vocab_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "num", "min_separation", "quantile", "rollback"))
+def candidate_slots(loss, loss_mask, *, mode: str, num: int, min_separation: int, quantile: float,
+                    rollback: int):
+    """High-loss candidates as fixed slots.
+
+    loss, loss_mask ``[R, L]`` -> ``cand [R, L]`` bool, ``pos [R, C]`` token columns (highest
+    loss first), ``valid [R, C]``, ``branch_at [R, C]`` = the branch column (``pos - rollback
+    + 1``, at least the first completion column). Invalid slots point at the first completion
+    column so that every slot is a legal branch point; their results are masked.
+    ``quantile`` mode keeps the C highest of the positions above the row's q-quantile.
+    """
+    valid_tok = loss_mask.astype(bool)
+    if mode == "top_c":
+        cand = select_candidates(loss, valid_tok, num=num, min_separation=max(min_separation, 1))
+    else:
+        above = select_candidates_quantile(loss, valid_tok, quantile=quantile)
+        cand = select_candidates(loss, above, num=num, min_separation=1)
+    _, pos = lax.top_k(jnp.where(cand, loss, -jnp.inf), num)
+    valid = jnp.take_along_axis(cand, pos, axis=1)
+    first = jnp.argmax(valid_tok, axis=1)[:, None]  # [R, 1] first completion column
+    pos = jnp.where(valid, pos, first).astype(jnp.int32)
+    branch_at = jnp.maximum(pos - (rollback - 1), first).astype(jnp.int32)
+    return cand, pos, valid, branch_at
+
+
+def scatter_slots(values: jax.Array, pos: jax.Array, valid: jax.Array, length: int) -> jax.Array:
+    """``[R, C]`` slot values -> token-indexed ``[R, L]`` (0 off the valid slots)."""
+    rows = jnp.arange(pos.shape[0])[:, None]
+    return jnp.zeros((pos.shape[0], length), jnp.float32).at[rows, pos].add(jnp.where(valid, values, 0.0))
+
+
+# ---- detectors -------------------------------------------------------------------------------
+def suffix_windows(ids: jax.Array, loss_mask: jax.Array, start: jax.Array, k: int):
+    """The rollout's own tokens ``y_t .. y_{t+K-1}`` from each ``start [R, C]``:
+    ``tokens, mask [R * C, K]`` (mask: completion tokens inside the row)."""
+    length = ids.shape[1]
+    cols = start[..., None] + jnp.arange(k)  # [R, C, K]
+    inside = cols < length
+    cols = jnp.minimum(cols, length - 1)
+    rows = jnp.arange(ids.shape[0])[:, None, None]
+    tokens, mask = ids[rows, cols], loss_mask.astype(bool)[rows, cols] & inside
+    return tokens.reshape(-1, k), mask.reshape(-1, k)
+
+
+@functools.partial(jax.jit, static_argnames=("epsilon", "iters"))
+def _ot_jit(embed, t_tokens, t_mask, s_tokens, s_mask, *, epsilon, iters):
+    # The cost normalises the embeddings itself (1 - cosine); float32 for Sinkhorn.
+    x, y = embed[t_tokens].astype(jnp.float32), embed[s_tokens].astype(jnp.float32)
+    return ot_distance(x, y, t_mask, s_mask, epsilon=epsilon, max_iters=iters)
+
+
+def _continuations(cfg, model, rows, branch_at, key, frozen, per_slot: int) -> GenerationResult:
+    """``per_slot`` K-token continuations from every slot: rows ``(r * C + c) * per_slot + j``."""
+    bt = np.repeat(np.asarray(branch_at), per_slot, axis=1)
+    return continue_from(model, rows["ids"], rows["seq_mask"], bt, key=key, num_tokens=cfg.topd.window,
+                         temperature=cfg.topd.continuation_temperature, eos_ids=frozen.eos_ids,
+                         pad_id=frozen.pad_id)
+
+
+def _margins(student, teacher, cont: GenerationResult, shape) -> tuple[jax.Array, jax.Array]:
+    """Per continuation: mean over its tokens of log p_T - log p_θ, and whether it has tokens."""
+    t_lp = score_tokens(teacher, cont.sequences, cont.sequence_mask, cont.completion_mask)
+    s_lp = score_tokens(student, cont.sequences, cont.sequence_mask, cont.completion_mask)
+    count = cont.completion_mask.sum(axis=1)
+    margin = (t_lp - s_lp).sum(axis=1) / jnp.maximum(count, 1)
+    return margin.reshape(shape), (count > 0).reshape(shape)
+
+
+def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timings) -> tuple[jax.Array, Any]:
+    """D per slot ``[R, C]`` and the teacher continuations ``(result, per_slot)`` if any."""
+    _, pos, valid, branch_at = slots
+    t = cfg.topd
+    r, c = pos.shape
+    if t.detector == "kl_window":
+        d_tok = near_future_window(loss, rows["loss_mask"], t.window)
+        return jnp.take_along_axis(d_tok, pos, axis=1), None
+    k_t, k_s = jax.random.split(key)
+    if t.detector == "ot_embedding":
+        n = t.continuations_per_side
+        t_cont = timed(timings, "sampling", _continuations, cfg, frozen.teacher, rows, branch_at, k_t, frozen, n)
+        if t.reuse_student_suffix:
+            s_tok, s_mask = suffix_windows(rows["ids"], rows["loss_mask"], branch_at, t.window)
+            s_tok, s_mask = jnp.repeat(s_tok, n, axis=0), jnp.repeat(s_mask, n, axis=0)
+        else:
+            s_cont = timed(timings, "sampling", _continuations, cfg, student, rows, branch_at, k_s, frozen, n)
+            s_tok, s_mask = s_cont.tokens, s_cont.mask
+        d = timed(timings, "scoring", _ot_jit, student.embedding_table(), t_cont.tokens, t_cont.mask, s_tok,
+                  s_mask, epsilon=t.sinkhorn_epsilon, iters=t.sinkhorn_iters)
+        return d.reshape(r, c, n).mean(axis=2), (t_cont, n)
+    n = t.margin_samples  # margin_w1
+    t_cont = timed(timings, "sampling", _continuations, cfg, frozen.teacher, rows, branch_at, k_t, frozen, n)
+    s_cont = timed(timings, "sampling", _continuations, cfg, student, rows, branch_at, k_s, frozen, n)
+    m_t, ok_t = timed(timings, "scoring", _margins, student, frozen.teacher, t_cont, (r, c, n))
+    m_s, ok_s = timed(timings, "scoring", _margins, student, frozen.teacher, s_cont, (r, c, n))
+    return margin_w1(m_t, m_s, ok_t, ok_s), (t_cont, n)
+
+
+# ---- guidance --------------------------------------------------------------------------------
+def guided_slots(cand, d_tok, d_slot, valid, pos, *, quantile: float, max_per_row: int | None):
+    """Up to m = min(max_per_row, C) guided slots per rollout, most divergent first:
+    ``idx [R, m]`` slot indices and ``g_valid [R, m]``."""
+    c = pos.shape[1]
+    m = c if max_per_row is None else min(max_per_row, c)
+    guided_tok = select_guidance_points(cand, d_tok, quantile=quantile, max_per_row=max_per_row)
+    g = jnp.take_along_axis(guided_tok, pos, axis=1) & valid  # [R, C]
+    _, idx = lax.top_k(jnp.where(g, d_slot, -jnp.inf), m)
+    return idx, jnp.take_along_axis(g, idx, axis=1)
+
+
+def _take_rows(cont: GenerationResult, rows: jax.Array) -> dict:
+    return {"g_ids": cont.sequences[rows], "g_mask": cont.sequence_mask[rows], "g_targets": cont.tokens[rows],
+            "g_window": cont.mask[rows]}
+
+
+def student_suffix_rows(rows: dict, start: jax.Array, k: int, pad_id: int) -> dict:
+    """Guidance rows built from the rollout itself: c_t then ``y_t .. y_{t+K-1}`` (layout of
+    ``continue_from``: left-aligned prefix in L columns, then K columns)."""
+    ids, seq_mask = rows["ids"], rows["seq_mask"].astype(bool)
+    m = start.shape[1]
+    cols = jnp.arange(ids.shape[1])
+    prefix = (seq_mask[:, None, :] & (cols < start[..., None])).reshape(-1, ids.shape[1])
+    p_ids, p_mask = left_align(jnp.repeat(ids, m, axis=0), prefix)
+    s_tok, s_mask = suffix_windows(ids, rows["loss_mask"], start, k)
+    return {"g_ids": jnp.concatenate([jnp.where(p_mask, p_ids, pad_id), jnp.where(s_mask, s_tok, pad_id)], 1),
+            "g_mask": jnp.concatenate([p_mask, s_mask], 1), "g_targets": s_tok, "g_window": s_mask}
+
+
+def guidance_batch(cfg: RunConfig, rows, slots, idx, g_valid, conts, key, frozen: Frozen, timings) -> dict:
+    """The ``g_*`` arrays of the step (see ``algorithms.objective``)."""
+    _, pos, _, branch_at = slots
+    r, c = pos.shape
+    m = idx.shape[1]
+    start = jnp.take_along_axis(branch_at, idx, axis=1)  # [R, m]
+    t = cfg.topd
+    if t.guidance_target == "student_positions":
+        g = student_suffix_rows(rows, start, t.window, frozen.pad_id)
+    elif conts is not None:  # reuse the detector's first teacher continuation of the slot
+        cont, n = conts
+        g = _take_rows(cont, ((jnp.arange(r)[:, None] * c + idx) * n).reshape(-1))
+    else:
+        cont = timed(timings, "sampling", continue_from, frozen.teacher, rows["ids"], rows["seq_mask"],
+                     np.asarray(start), key=key, num_tokens=t.window, temperature=t.continuation_temperature,
+                     eos_ids=frozen.eos_ids, pad_id=frozen.pad_id)
+        g = _take_rows(cont, jnp.arange(r * m))
+    g["g_window"] = g["g_window"] & g_valid.reshape(-1, 1)
+    length = rows["ids"].shape[1]
+    hidden = timed(timings, "scoring", forward_hidden, frozen.teacher, g["g_ids"], g["g_mask"])
+    g["g_teacher_hidden"] = hidden[:, length - 1:length - 1 + t.window]
+    return g
+
+
+# ---- the whole preparation ------------------------------------------------------------------
+def _f(x) -> float:
+    return float(np.asarray(x, np.float64).sum())
+
+
+def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,
+            timings: dict[str, float]) -> tuple[dict, dict[str, Pair], GenerationResult]:
+    """OPD's batch plus suppression weights and (TOPD) guidance rows; see the module doc."""
+    k_roll, k_det, k_guide = jax.random.split(key, 3)
+    batch, metrics, gen = opd.prepare(cfg, student, prompts, k_roll, frozen, timings)
+    if "teacher_hidden" not in batch:  # sampled-token estimator: ℓ_t still needs the hidden states
+        batch["teacher_hidden_for_detector"] = timed(timings, "scoring", forward_hidden, frozen.teacher,
+                                                     batch["ids"], batch["seq_mask"])
+    t_hidden = batch.get("teacher_hidden", batch.pop("teacher_hidden_for_detector", None))
+    t = cfg.topd
+    loss = timed(timings, "scoring", token_loss, cfg, student, batch, t_hidden, frozen.teacher_head)
+    slots = candidate_slots(loss, batch["loss_mask"], mode=t.candidate_mode, num=t.num_candidates,
+                            min_separation=t.min_separation, quantile=t.candidate_quantile, rollback=t.rollback)
+    cand, pos, valid, _ = slots
+    d_slot, conts = detect(cfg, student, batch, loss, slots, k_det, frozen, timings)
+    d_slot = jnp.where(valid, d_slot, 0.0)
+    length = batch["ids"].shape[1]
+    d_tok = scatter_slots(d_slot, pos, valid, length)
+    # Classification over the whole batch (before any micro-batching), as in the paper.
+    mode = cfg.suppression
+    regime = "high_divergence" if mode == "high_divergence" else "low_divergence"
+    suppressed = false_alarms(cand, d_tok, quantile=t.false_alarm_quantile, regime=regime)
+    low = false_alarms(cand, d_tok, quantile=t.false_alarm_quantile, regime="low_divergence")
+    if mode != "none":
+        batch["weights"] = jnp.where(suppressed, jnp.float32(t.suppression_weight), batch["weights"])
+    rows_n = pos.shape[0]
+    n_cand = _f(cand)
+    metrics.update({
+        "detector_token_loss": (_f(loss * batch["loss_mask"]), _f(batch["loss_mask"])),
+        "candidates_per_rollout": (n_cand, rows_n),
+        "false_alarm_fraction": (_f(low), n_cand),   # high-loss tokens in the low-divergence regime
+        "suppressed_fraction": (_f(suppressed) if mode != "none" else 0.0, n_cand),
+        "divergence": (_f(d_slot), n_cand),          # mean D_t over candidates
+    })
+    if t.detector == "ot_embedding":
+        metrics["local_ot"] = metrics["divergence"]
+    if cfg.uses_guidance:
+        idx, g_valid = guided_slots(cand, d_tok, d_slot, valid, pos, quantile=t.false_alarm_quantile,
+                                    max_per_row=t.max_guided_points)
+        batch.update(guidance_batch(cfg, batch, slots, idx, g_valid, conts, k_guide, frozen, timings))
+        metrics["guided_points_per_rollout"] = (_f(g_valid), rows_n)
+    return batch, metrics, gen

@@ -1,0 +1,92 @@
+"""The jitted update: gradients accumulated over micro-batches, AdamW, non-finite skip.
+
+    step = TrainStep(loss_fn, tx, schedule, shardings, mesh, micro_batches=4, coefs=...)
+    state, metrics = step(state, batch, teacher_head)   # state donated
+
+``loss_fn(params, micro_batch, teacher_head) -> (terms, metrics)`` with ``{name: (sum,
+count)}`` values (``algorithms.objective``). The loss is ``Σ_k coef_k Σ sum_k / Σ count_k``
+over the whole batch (global token counts, ``optim.accumulate_gradients``). A step whose
+loss or gradient norm is not finite keeps the old params and optimizer state (``skipped``
+= 1 in the metrics); ``step`` still advances so the data stream moves on.
+
+Shardings are explicit: the state in and out by ``shardings`` (logical rules), batch rows
+over ``("data", "fsdp")`` (``act_batch``), the teacher head as it lies, metrics replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from topd_jax.sharding import logical_to_spec
+from topd_jax.train.optim import accumulate_gradients, select_if_finite
+from topd_jax.train.state import TrainState, replicated
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+    """Rows (axis 0) of every batch array over the ``act_batch`` mesh axes when they divide."""
+    out = {}
+    for name, x in batch.items():
+        axes = ("act_batch",) + (None,) * (x.ndim - 1)
+        out[name] = NamedSharding(mesh, logical_to_spec(axes, x.shape, dict(mesh.shape)))
+    return out
+
+
+def update_impl(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
+                micro_batches: int, coefs: Mapping[str, float]):
+    """One optimizer step (traced). Returns ``(new_state, metrics)``."""
+    loss, grads, terms, metrics = accumulate_gradients(
+        lambda p, mb: loss_fn(p, mb, teacher_head), state.params, batch, micro_batches, coefs)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Non-finite gradients would poison Adam's moments even if the update were dropped:
+    # compute the update from zeros there, then select the old state anyway.
+    safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+    updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params, opt_state = select_if_finite(ok, (params, opt_state), (state.params, state.opt_state))
+    out = dict(metrics)
+    for name, (s, c) in terms.items():
+        out[f"{name}_loss"] = (s, c)
+    out.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.opt_steps),
+               skipped=(~ok).astype(jnp.float32))
+    new = state.replace(step=state.step + 1, opt_steps=state.opt_steps + ok.astype(jnp.int32),
+                        params=params, opt_state=opt_state)
+    return new, out
+
+
+class TrainStep:
+    """Compiles ``update_impl`` once per batch structure with explicit shardings."""
+
+    def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
+                 shardings: TrainState, mesh: Mesh, *, micro_batches: int = 1,
+                 coefs: Mapping[str, float] | None = None):
+        self._kw = dict(loss_fn=loss_fn, tx=tx, schedule=schedule, micro_batches=micro_batches,
+                        coefs=dict(coefs) if coefs is not None else None)
+        self.shardings, self.mesh = shardings, mesh
+        self._compiled: dict[tuple, Callable] = {}
+
+    def _fn(self, batch, teacher_head):
+        key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+        if key not in self._compiled:
+            b_sh = batch_shardings(batch, self.mesh)
+            head_sh = getattr(teacher_head, "sharding", None)
+            if not isinstance(head_sh, NamedSharding):
+                head_sh = replicated(self.mesh)
+
+            def fn(state, batch, head):
+                return update_impl(state, batch, head, **self._kw)
+
+            self._compiled[key] = (jax.jit(fn, in_shardings=(self.shardings, b_sh, head_sh),
+                                           out_shardings=(self.shardings, replicated(self.mesh)),
+                                           donate_argnums=0), b_sh, head_sh)
+        return self._compiled[key]
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], teacher_head) -> tuple[TrainState, dict]:
+        fn, b_sh, head_sh = self._fn(batch, teacher_head)
+        batch = {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
+        return fn(state, batch, jax.device_put(teacher_head, head_sh))
