@@ -152,6 +152,8 @@ def test_per_row_keys_are_used_as_given(models, prompts, sampled):
     keys = jax.random.split(jax.random.key(11), len(LENGTHS) * 3)  # what one key is split into
     res = generate(ours, ids, mask, key=keys, max_new_tokens=NEW, num_samples=3, **SAMPLING)
     np.testing.assert_array_equal(res.tokens, sampled.tokens)
+    raw = generate(ours, ids, mask, key=jax.random.PRNGKey(11), max_new_tokens=NEW, num_samples=3, **SAMPLING)
+    np.testing.assert_array_equal(raw.tokens, sampled.tokens)  # old-style uint32 keys work too
 
 
 def test_bad_inputs_are_refused_by_name(models, prompts):
