@@ -1,0 +1,28 @@
+"""Tiny run configs for the trainer tests (random-weight models, the synthetic task)."""
+
+from __future__ import annotations
+
+from topd_jax.train.config_loader import load_config
+
+TINY = [
+    "data.source=synthetic", "data.template=plain", "data.prompts_per_step=2", "data.max_prompt_len=20",
+    "data.synthetic.num_train=64", "data.synthetic.num_eval=4", "data.synthetic.min_steps=1",
+    "data.synthetic.max_steps=2", "data.synthetic.modulus=7",
+    "rollout.n=2", "rollout.max_new_tokens=10", "warmup.max_new_tokens=10",
+    "topd.window=4", "topd.num_candidates=2", "topd.min_separation=2", "topd.margin_samples=2",
+    "topd.sinkhorn_iters=50",
+    "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_fraction=0",
+    "mesh.data=1", "checkpoint.every=2", "checkpoint.keep=3", "checkpoint.async_save=false",
+    "checkpoint.export_hf=false", "logging.progress_bar=false", "logging.stdout=false",
+    "logging.tensorboard=false", "eval.at_start=false", "eval.at_end=false", "eval.max_new_tokens=10",
+    "eval.temperature=0",
+]
+for role, hidden, layers in (("student", 16, 1), ("teacher", 24, 1)):
+    TINY += [f"{role}.vocab_size=128", f"{role}.hidden_size={hidden}", f"{role}.num_layers={layers}",
+             f"{role}.num_heads=2", f"{role}.num_kv_heads=1", f"{role}.head_dim=8",
+             f"{role}.intermediate_size=32", f"{role}.max_position_embeddings=64"]
+
+
+def tiny_config(out_dir, *overrides: str, steps: int = 4):
+    """A validated RunConfig writing to ``out_dir``; later overrides win."""
+    return load_config(None, TINY + [f"steps={steps}", f"output_dir={out_dir}", *overrides])

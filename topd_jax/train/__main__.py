@@ -1,0 +1,67 @@
+"""``python -m topd_jax.train [--config FILE.yaml] [key.sub=value ...] | --help``.
+
+With no arguments: the embedded demo (``configs/demo.yaml``): the tiny teacher and student
+of the synthetic task are prepared (trained once, then cached), OPD runs, and the demo
+report is written. With ``data.source=files``: a real run on local model directories.
+Exit status: 0 on success or after a SIGTERM-triggered save, 2 for a bad config or input
+(nothing written), 1 when training halts (non-finite losses).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from topd_jax.train.config import ConfigError
+    from topd_jax.train.config_loader import parse_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        default = DEMO_CONFIG if DEMO_CONFIG.is_file() else None
+        cfg = parse_cli(argv, default_config=default)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from topd_jax.train.loop import NonFiniteLossError, train
+    from topd_jax.train.setup import RunSetupError, plan_run
+
+    try:
+        student_path = teacher_path = None
+        if cfg.data.source == "synthetic":
+            plan_run(cfg)  # validate everything before the (minutes-long) demo model preparation
+            from topd_jax.train.demo import prepare_demo_models
+            student_path, teacher_path = prepare_demo_models(cfg)
+        plan = plan_run(cfg, student_path, teacher_path)
+    except (RunSetupError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg, plan=plan)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.preempted:
+        return 0
+    if cfg.data.source == "synthetic":
+        from topd_jax.train import demo
+        demo.demo_report(cfg, result)
+    _summary(result)
+    return 0
+
+
+def _summary(result) -> None:
+    last = result.history[-1] if result.history else {}
+    evals = ", ".join(f"step {s}: {a:.1%}" for s, a in sorted(result.evals.items()))
+    print(f"done: {result.final_step} steps, final loss {last.get('loss', float('nan')):.4g}; "
+          f"accuracy {evals or 'not evaluated'}; outputs in {result.output_dir}"
+          + (f"; HF export {result.hf_dir}" if result.hf_dir else ""), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""``train(cfg) -> TrainResult``: the training loop shared by every algorithm.
+
+Per step: prompts (grain, resumable) -> ``algorithms.prepare_batch`` (sampling, teacher
+scoring, TOPD detector; no gradient) -> ``TrainStep`` (jitted update) -> metrics, periodic
+evaluation, checkpoint. Resume: the latest good checkpoint restores the train state, the
+data iterator, the metrics history and the non-finite counter, so re-running the same
+command continues exactly. SIGTERM: save, then return with ``preempted=True`` (the command
+exits 0). Non-finite loss: the step is skipped (state unchanged) and counted; after
+``max_nonfinite_steps`` in a row the run halts with ``NonFiniteLossError``.
+
+History rows (``TrainResult.history``, one per step, floats): ``step``, ``loss`` (the
+optimised objective), ``opd_loss`` (L_OPD_w), ``traj_loss`` (L_traj, TOPD), ``token_kl``
+(mean per-token divergence ℓ on completion tokens), ``ce`` (warm-up), ``grad_norm``,
+``lr``, ``skipped``, ``rollout_len``, ``rollout_finished``, detector metrics when it runs
+(``detector_token_loss``, ``candidates_per_rollout``, ``false_alarm_fraction`` — high-loss
+tokens in the low-divergence regime, ``suppressed_fraction``, ``divergence`` — mean D_t
+over candidates, ``local_ot`` — the same for the OT detector, ``guided_points_per_rollout``),
+and timing: ``time_sampling``, ``time_scoring``, ``time_update``, ``time_step`` (s),
+``tokens_per_s`` (completion tokens / step time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+from tqdm.auto import tqdm
+
+from topd_jax.algorithms import Frozen, LossSpec, make_loss_fn, prepare_batch
+from topd_jax.checkpoints.train_state import PreemptionFlag, TrainCheckpointer, abstract_state
+from topd_jax.data.prompts import PromptLoader
+from topd_jax.train.config import RunConfig
+from topd_jax.train.config_loader import to_dict
+from topd_jax.train.evaluate import evaluate
+from topd_jax.train.metrics import MetricsSink, PairAccumulator, reduce_pairs
+from topd_jax.train.optim import lr_schedule, make_optimizer
+from topd_jax.train.setup import RunPlan, load_model, plan_run
+from topd_jax.train.state import TrainState, create_train_state
+from topd_jax.train.step import TrainStep
+
+log = logging.getLogger(__name__)
+# Metrics that depend on wall time, not on the computation (excluded from resume checks).
+TIMING_KEYS = ("time_sampling", "time_scoring", "time_update", "time_step", "tokens_per_s")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind (see the module docstring for the history keys)."""
+    output_dir: Path
+    history: list[dict[str, float]]
+    evals: dict[int, float]               # step -> held-out accuracy (0: before training)
+    state: TrainState
+    model: Any                            # the final student (topd_jax.models.Qwen)
+    final_step: int
+    preempted: bool = False
+    skipped_steps: int = 0
+    skipped_prompts: int = 0
+    hf_dir: Path | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def params(self):
+        return self.state.params
+
+
+def rollout_len(cfg: RunConfig) -> int:
+    """L: columns of a rollout row (prompt + completion), static for the whole run."""
+    new = cfg.warmup.max_new_tokens if cfg.algorithm == "warmup" else cfg.rollout.max_new_tokens
+    return cfg.data.max_prompt_len + new
+
+
+def _loader(cfg: RunConfig, plan: RunPlan) -> PromptLoader:
+    hosts = jax.process_count()
+    if cfg.data.prompts_per_step % hosts:
+        raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} is not a multiple of the "
+                         f"{hosts} hosts")
+    return PromptLoader(plan.train_examples, batch_size=cfg.data.prompts_per_step // hosts,
+                        prompt_len=cfg.data.max_prompt_len, pad_id=plan.text.pad_id, seed=cfg.seed,
+                        shuffle=cfg.data.shuffle, epochs=cfg.data.epochs, shard_index=jax.process_index(),
+                        shard_count=hosts)
+
+
+def _row(step: int, out: dict, prep: dict, timings: dict, completion_tokens: float) -> dict[str, float]:
+    row = {"step": float(step)}
+    row.update(reduce_pairs({k: (tuple(v) if isinstance(v, (tuple, list)) else v) for k, v in out.items()}))
+    row.update(reduce_pairs(prep))
+    for k in ("sampling", "scoring", "update"):
+        row[f"time_{k}"] = timings.get(k, 0.0)
+    row["time_step"] = timings["step"]
+    row["tokens_per_s"] = completion_tokens / max(timings["step"], 1e-9)
+    return row
+
+
+def _json_history(history):
+    return [{k: (v if math.isfinite(v) else None) for k, v in r.items()} for r in history]
+
+
+def _unjson_history(history):
+    return [{k: (float("nan") if v is None else float(v)) for k, v in r.items()} for r in history]
+
+
+def train(cfg: RunConfig, *, student_path: str | None = None, teacher_path: str | None = None,
+          plan: RunPlan | None = None) -> TrainResult:
+    """Run ``cfg`` (see the module docstring). Explicit paths override ``cfg.*.path``."""
+    plan = plan or plan_run(cfg, student_path, teacher_path)  # validates; writes nothing
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # Models are built outside ``set_mesh``: their init places each parameter by the rules
+    # itself (NNX would otherwise read the logical names as mesh axes).
+    student = load_model(plan.student, plan.mesh)
+    teacher = load_model(plan.teacher, plan.mesh)
+    with jax.set_mesh(plan.mesh):
+        return _run(cfg, plan, out_dir, student, teacher)
+
+
+def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> TrainResult:
+    mesh = plan.mesh
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    schedule = lr_schedule(cfg.optim, cfg.steps)
+    graphdef, state, shardings = create_train_state(student, tx, mesh, seed=cfg.seed)
+    del student
+    loader = _loader(cfg, plan)
+    frozen = Frozen(teacher, teacher.lm_head_weight(), plan.text.eos_ids, plan.text.pad_id)
+    spec = LossSpec.from_config(cfg, rollout_len(cfg))
+    coefs = {"opd": 1.0, "traj": cfg.topd.guidance_weight} if spec.guidance else None
+    step_fn = TrainStep(make_loss_fn(spec, graphdef), tx, schedule, shardings, mesh,
+                        micro_batches=cfg.optim.micro_batches, coefs=coefs)
+    ckpt = TrainCheckpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                             async_save=cfg.checkpoint.async_save)
+    history: list[dict[str, float]] = []
+    evals: dict[int, float] = {}
+    nonfinite_run = skipped_total = 0
+    if cfg.checkpoint.resume:
+        restored = ckpt.restore(abstract_state(state, shardings))
+        if restored is not None:
+            state = restored.state
+            loader.set_state(restored.data)
+            history = _unjson_history(restored.metrics["history"])
+            evals = {int(k): float(v) for k, v in restored.metrics["evals"].items()}
+            nonfinite_run = int(restored.metrics["nonfinite_run"])
+            skipped_total = int(restored.metrics["skipped_total"])
+            if restored.config != to_dict(cfg):
+                log.warning("resuming from %s step %d with a config that differs from the saved one",
+                            cfg.checkpoint_dir, restored.step)
+            print(f"resumed from {cfg.checkpoint_dir} at step {restored.step}", flush=True)
+    start = int(state.step)
+    rows_per_eval_batch = cfg.data.prompts_per_step
+    eval_key = jax.random.fold_in(state.key(), 2**31 - 1)
+
+    def run_eval(step: int) -> None:
+        if not plan.eval_examples:
+            return
+        model = nnx.merge(graphdef, state.params)
+        evals[step] = evaluate(cfg, model, plan.eval_examples, plan.text, key=jax.random.fold_in(eval_key, step),
+                               batch_size=rows_per_eval_batch)
+        sink.write(step, {"eval_accuracy": evals[step]})
+
+    def save(step: int, force: bool = False) -> None:
+        ckpt.save(step, state, data=loader.get_state(), config=to_dict(cfg), force=force,
+                  metrics={"history": _json_history(history), "evals": {str(k): v for k, v in evals.items()},
+                           "nonfinite_run": nonfinite_run, "skipped_total": skipped_total})
+
+    lg = cfg.logging
+    sink = MetricsSink(out_dir, stdout=lg.stdout, jsonl=lg.jsonl, tensorboard=lg.tensorboard)
+    acc = PairAccumulator()
+    preempted = False
+    flag = PreemptionFlag()
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        flag.install()
+    try:
+        if cfg.eval.at_start and start == 0 and 0 not in evals:
+            run_eval(0)
+        bar = tqdm(total=cfg.steps, initial=start, disable=not lg.progress_bar, desc=cfg.algorithm)
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            prompts = next(loader)
+            timings: dict[str, float] = {}
+            model = nnx.merge(graphdef, state.params)
+            batch, prep, gen = prepare_batch(cfg, model, prompts, jax.random.fold_in(state.key(), step), frozen,
+                                             timings)
+            del model
+            t1 = time.perf_counter()
+            state, out = step_fn(state, batch, frozen.teacher_head)
+            out = jax.device_get(out)
+            timings["update"] = time.perf_counter() - t1
+            timings["step"] = time.perf_counter() - t0
+            row = _row(step + 1, out, prep, timings, float(np.asarray(gen.lengths).sum()))
+            history.append(row)
+            acc.add({k: v for k, v in row.items() if k != "step"})
+            skipped = row["skipped"] > 0
+            nonfinite_run = nonfinite_run + 1 if skipped else 0
+            skipped_total += int(skipped)
+            if (step + 1) % lg.every == 0 or step + 1 == cfg.steps:
+                sink.write(step + 1, acc.pop())
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if nonfinite_run >= cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"halting at step {step + 1}: {nonfinite_run} steps in a row had a non-finite loss or "
+                    f"gradient (max_nonfinite_steps={cfg.max_nonfinite_steps}); the state is that of the "
+                    f"last finite step. Lower optim.lr, check the data, or raise max_nonfinite_steps.")
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
+                run_eval(step + 1)
+            save(step + 1)
+            if flag.requested:
+                save(step + 1, force=True)
+                ckpt.wait()
+                print(f"preempted (signal {flag.received}): saved step {step + 1} to {cfg.checkpoint_dir}",
+                      flush=True)
+                preempted = True
+                break
+        bar.close()
+        final = int(state.step)
+        if not preempted:
+            if cfg.eval.at_end and final not in evals:
+                run_eval(final)
+            save(final, force=True)
+        ckpt.wait()
+    finally:
+        flag.uninstall()
+        ckpt.close()
+        sink.close()
+    model = nnx.merge(graphdef, state.params)
+    hf_dir = None
+    if cfg.checkpoint.export_hf and not preempted:
+        hf_dir = export_hf(model, out_dir / "student_hf", plan)
+    return TrainResult(out_dir, history, evals, state, model, final, preempted, skipped_total,
+                       plan.skipped_prompts, hf_dir)
+
+
+def export_hf(model, directory: Path, plan: RunPlan) -> Path:
+    """The final student as an HF directory (config.json + safetensors, + tokenizer files)."""
+    from topd_jax.checkpoints import save_hf
+    save_hf(model, directory)
+    if plan.text.hf_tokenizer is not None:
+        plan.text.hf_tokenizer.save_pretrained(str(directory))
+    return directory
