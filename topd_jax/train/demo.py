@@ -1,0 +1,222 @@
+"""The embedded demo's own stages: a tiny teacher and a mediocre student, built and cached.
+
+    student_dir, teacher_dir = prepare_demo_models(cfg)   # HF dirs under cfg.demo.cache_dir
+    result = topd_jax.train.loop.train(cfg, student_path=student_dir, teacher_path=teacher_dir)
+    demo_report(cfg, result)                               # stdout table + PNG + JSON
+
+The teacher (``cfg.teacher`` sizes) is trained by supervised cross-entropy on reference
+solutions of the synthetic task (``topd_jax.data.synthetic``, teacher style, no slips) until
+it solves the held-out problems; the smaller student (``cfg.student``) is warmed up for a
+few steps on *noisy* solutions in its own surface style (a slip with probability
+``demo.student_noise``), so it knows the format but makes arithmetic mistakes: on-policy
+distillation from the teacher then has something to fix.
+
+Each model is cached in ``<cache_dir>/<role>-<hash>`` where the hash covers exactly the
+config fields that change it (its sizes, the task, the recipe); a later run with the same
+fields reuses the directory. Each directory holds the HF checkpoint plus ``demo_meta.json``
+(accuracy on the held-out problems, training losses, wall time, the hashed fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from topd_jax.checkpoints import save_hf
+from topd_jax.data import synthetic
+from topd_jax.models import ModelConfig, Qwen, init_model
+from topd_jax.rollout import generate
+from topd_jax.train.config import ModelSpec, OptimConfig, RunConfig
+from topd_jax.train.sft import train_sft
+
+META_FILE = "demo_meta.json"
+# Bump when the preparation recipe changes in a way the hashed fields do not show.
+RECIPE_VERSION = 1
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- config -> models
+def model_config(spec: ModelSpec) -> ModelConfig:
+    """The ``ModelConfig`` a spec with explicit sizes or a preset describes."""
+    if spec.path is not None:
+        raise ValueError(f"model_config needs sizes or a preset, got path={spec.path!r}")
+    kw = dict(spec.arch_overrides(), dtype=spec.dtype, param_dtype=spec.param_dtype,
+              remat=spec.remat)
+    return ModelConfig.preset(spec.preset, **kw) if spec.preset else ModelConfig(**kw)
+
+
+def prompt_len(cfg: RunConfig) -> int:
+    """Prompt columns: bos + 4 tokens for ``a = N ;`` + 6 per step + ``? x`` (see synthetic)."""
+    return 1 + 4 + 6 * cfg.data.synthetic.max_steps + 2
+
+
+def completion_len(cfg: RunConfig) -> int:
+    """Solution columns: 8 tokens per step (7 for the first), ``; answer N``, eos."""
+    return 8 * cfg.data.synthetic.max_steps - 1 + 3 + 1
+
+
+def cache_key(cfg: RunConfig, role: str) -> dict[str, Any]:
+    """The config fields that determine the prepared ``role`` model ("teacher"/"student")."""
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    spec = cfg.teacher if role == "teacher" else cfg.student
+    demo = dataclasses.asdict(cfg.demo)
+    demo.pop("cache_dir")
+    if role == "teacher":  # the student's recipe never changes the teacher
+        demo.pop("student_steps"), demo.pop("student_noise")
+    else:
+        demo.pop("teacher_steps")
+    return {"recipe": RECIPE_VERSION, "role": role, "model": dataclasses.asdict(spec),
+            "task": dataclasses.asdict(cfg.data.synthetic), "demo": demo}
+
+
+def cache_dir_for(cfg: RunConfig, role: str) -> Path:
+    """``<cache_dir>/<role>-<first 12 hex of sha256(cache_key)>``."""
+    blob = json.dumps(cache_key(cfg, role), sort_keys=True).encode()
+    return Path(cfg.demo.cache_dir) / f"{role}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``demo_meta.json`` of a prepared model directory, or None if it has none."""
+    f = Path(model_dir) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+# ---------------------------------------------------------------- data
+def splits(cfg: RunConfig) -> tuple[list[synthetic.Problem], list[synthetic.Problem]]:
+    """Train and held-out eval problems of the configured task."""
+    s = cfg.data.synthetic
+    return synthetic.make_splits(s.num_train, s.num_eval, s.seed, min_steps=s.min_steps,
+                                 max_steps=s.max_steps, modulus=s.modulus)
+
+
+def sft_batches(problems: Sequence[synthetic.Problem], batch_size: int, seed: int, *,
+                style: synthetic.Style, slip_prob: float, prompt_len: int,
+                completion_len: int) -> Iterator[dict[str, np.ndarray]]:
+    """Endless supervised batches: random problems, a fresh solution each time (surface form
+    drawn from ``style``; a slip with probability ``slip_prob``), ``supervised_arrays`` layout."""
+    tok, rng = synthetic.SyntheticTokenizer(), np.random.default_rng(seed)
+    while True:
+        picked = [problems[i] for i in rng.integers(len(problems), size=batch_size)]
+        sols = [synthetic.noisy_solution(p, rng, slip_prob, style)[0] for p in picked]
+        yield synthetic.supervised_arrays(tok, [p.prompt for p in picked], sols,
+                                          prompt_len, completion_len)
+
+
+def prompt_arrays(prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt ids [N, length] int32 and mask [N, length] bool (bos first)."""
+    tok = synthetic.SyntheticTokenizer()
+    ids, mask = np.full((len(prompts), length), tok.pad_id, np.int32), np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        row = tok.encode(p)
+        if len(row) > length:
+            raise ValueError(f"prompt {i} has {len(row)} tokens > {length}: {p!r}")
+        ids[i, length - len(row):], mask[i, length - len(row):] = row, True
+    return ids, mask
+
+
+def accuracy(model: Qwen, problems: Sequence[synthetic.Problem], *, max_new_tokens: int,
+             prompt_len: int, temperature: float = 0.0, seed: int = 0,
+             batch_size: int = 256) -> float:
+    """Fraction of ``problems`` whose completion passes ``synthetic.check`` (greedy when
+    ``temperature`` is 0). Batches are padded to ``batch_size`` rows: one compile."""
+    tok, correct = synthetic.SyntheticTokenizer(), 0
+    batch_size = min(batch_size, len(problems))
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        prompts = [p.prompt for p in chunk] + [chunk[0].prompt] * (batch_size - len(chunk))
+        ids, mask = prompt_arrays(prompts, prompt_len)
+        res = generate(model, ids, mask, key=jax.random.key(seed + start),
+                       max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
+        tokens = np.asarray(res.tokens)
+        correct += sum(synthetic.check(tok.decode(tokens[i]), p.answer)
+                       for i, p in enumerate(chunk))
+    return correct / len(problems)
+
+
+# ---------------------------------------------------------------- preparation
+def _sft_optim(cfg: RunConfig) -> OptimConfig:
+    # Short runs from scratch: 5 % warm-up, cosine to lr/10, clipping against early spikes.
+    return OptimConfig(lr=cfg.demo.lr, min_lr=cfg.demo.lr / 10, warmup_fraction=0.05,
+                       b1=0.9, b2=0.98, weight_decay=0.0, clip_norm=1.0)
+
+
+def _train_role(cfg: RunConfig, role: str, progress: bool) -> tuple[Qwen, dict[str, Any]]:
+    """Build and train the ``role`` model; returns (model, meta)."""
+    s = cfg.data.synthetic
+    train, evals = splits(cfg)
+    teacher = role == "teacher"
+    spec = cfg.teacher if teacher else cfg.student
+    seed_offset = 0 if teacher else 1
+    model = init_model(model_config(spec), seed=s.seed + seed_offset)
+    batches = sft_batches(train, cfg.demo.batch_size, s.seed + 10 + seed_offset,
+                          style=synthetic.TEACHER_STYLE if teacher else synthetic.STUDENT_STYLE,
+                          slip_prob=0.0 if teacher else cfg.demo.student_noise,
+                          prompt_len=prompt_len(cfg), completion_len=completion_len(cfg))
+    steps = cfg.demo.teacher_steps if teacher else cfg.demo.student_steps
+    t0 = time.perf_counter()
+    model, losses = train_sft(model, batches, steps=steps, optim=_sft_optim(cfg),
+                              desc=f"demo {role}", progress=progress)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    acc = accuracy(model, evals, max_new_tokens=completion_len(cfg), prompt_len=prompt_len(cfg))
+    return model, {"role": role, "greedy_accuracy": acc, "num_eval": len(evals),
+                   "steps": steps, "losses": losses, "train_seconds": round(train_s, 2),
+                   "eval_seconds": round(time.perf_counter() - t0, 2),
+                   "num_params": model.config.num_params(), "key": cache_key(cfg, role)}
+
+
+def prepare_role(cfg: RunConfig, role: str, *, progress: bool = True,
+                 log: Log = print) -> Path:
+    """The cached HF directory of the ``role`` model, trained and saved first if missing."""
+    out = cache_dir_for(cfg, role)
+    if (meta := read_meta(out)) is not None:
+        log(f"demo: reusing cached {role} {out} (greedy accuracy {meta['greedy_accuracy']:.1%})")
+        return out
+    log(f"demo: training the {role} ({cfg.demo.teacher_steps if role == 'teacher' else cfg.demo.student_steps}"
+        f" supervised steps) -> {out}")
+    model, meta = _train_role(cfg, role, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename: a killed run never leaves a half-written
+    # directory that a later run would take for a finished one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_hf(model, tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if out.exists():  # a leftover without meta (interrupted by hand): replace it
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log(f"demo: {role} greedy accuracy {meta['greedy_accuracy']:.1%} on {meta['num_eval']} "
+        f"held-out problems ({meta['train_seconds']:.0f} s training)")
+    return out
+
+
+def prepare_demo_models(cfg: RunConfig, *, progress: bool = True,
+                        log: Log = print) -> tuple[str, str]:
+    """``(student_dir, teacher_dir)``: HF directories of the demo's student and teacher.
+
+    A spec that already names a ``path`` is used as it is; otherwise the model is trained
+    (teacher: reference solutions; student: noisy ones) or taken from the cache.
+    """
+    if cfg.data.source != "synthetic":
+        raise ValueError(f"the demo models need data.source='synthetic', got {cfg.data.source!r}")
+    dirs = {}
+    for role in ("teacher", "student"):
+        spec = cfg.teacher if role == "teacher" else cfg.student
+        dirs[role] = spec.path if spec.path is not None else str(prepare_role(cfg, role, progress=progress, log=log))
+    return dirs["student"], dirs["teacher"]
