@@ -130,7 +130,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     mesh = plan.mesh
     tx = make_optimizer(cfg.optim, cfg.steps)
     schedule = lr_schedule(cfg.optim, cfg.steps)
-    graphdef, state, shardings = create_train_state(student, tx, mesh, seed=cfg.seed)
+    graphdef, state, shardings = create_train_state(student, tx, mesh, seed=cfg.seed, copy=False)
     del student
     loader = _loader(cfg, plan)
     frozen = Frozen(teacher, teacher.lm_head_weight(), plan.text.eos_ids, plan.text.pad_id)

@@ -62,14 +62,18 @@ def train_state_shardings(tx, params: Any, mesh: Mesh) -> TrainState:
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
-                       seed: int) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+                       seed: int, copy: bool = True) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """Split ``model``, shard its params over ``mesh`` and initialise the optimizer there.
 
     Returns ``(graphdef, state, shardings)``; ``shardings`` is the ``TrainState`` of
-    ``NamedSharding``s the jitted step uses for its state input and output.
+    ``NamedSharding``s the jitted step uses for its state input and output. The step donates
+    the state: with ``copy=False`` the model's own arrays may be reused (and then freed by
+    the first step), so only pass it when the model is not used afterwards.
     """
     graphdef, params = nnx.split(model)
     shardings = train_state_shardings(tx, params, mesh)
+    if copy:
+        params = jax.tree.map(jnp.copy, params)
     params = jax.device_put(params, shardings.params)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     rep = shardings.step

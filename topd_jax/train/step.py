@@ -41,7 +41,7 @@ def update_impl(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx
     """One optimizer step (traced). Returns ``(new_state, metrics)``."""
     loss, grads, terms, metrics = accumulate_gradients(
         lambda p, mb: loss_fn(p, mb, teacher_head), state.params, batch, micro_batches, coefs)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Non-finite gradients would poison Adam's moments even if the update were dropped:
     # compute the update from zeros there, then select the old state anyway.
