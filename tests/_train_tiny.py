@@ -12,7 +12,7 @@ TINY = [
     "topd.window=4", "topd.num_candidates=2", "topd.min_separation=2", "topd.margin_samples=2",
     "topd.sinkhorn_iters=50",
     "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_fraction=0",
-    "mesh.data=1", "checkpoint.every=2", "checkpoint.keep=3", "checkpoint.async_save=false",
+    "mesh.data=-1", "checkpoint.every=2", "checkpoint.keep=3", "checkpoint.async_save=false",
     "checkpoint.export_hf=false", "logging.progress_bar=false", "logging.stdout=false",
     "logging.tensorboard=false", "eval.at_start=false", "eval.at_end=false", "eval.max_new_tokens=10",
     "eval.temperature=0",
@@ -26,3 +26,29 @@ for role, hidden, layers in (("student", 16, 1), ("teacher", 24, 1)):
 def tiny_config(out_dir, *overrides: str, steps: int = 4):
     """A validated RunConfig writing to ``out_dir``; later overrides win."""
     return load_config(None, TINY + [f"steps={steps}", f"output_dir={out_dir}", *overrides])
+
+
+def tiny_model_dirs(root, cfg):
+    """Save the tiny random student/teacher of ``cfg`` as HF directories; returns the paths."""
+    from topd_jax.checkpoints import save_hf
+    from topd_jax.models import ModelConfig, init_model
+    dirs = []
+    for i, spec in enumerate((cfg.student, cfg.teacher)):
+        d = f"{root}/{'student' if i == 0 else 'teacher'}_hf"
+        save_hf(init_model(ModelConfig(**spec.arch_overrides()), seed=i), d)
+        dirs.append(d)
+    return dirs
+
+
+def cli_config_file(path, cfg, student_dir, teacher_dir, **top):
+    """A YAML run config for ``python -m topd_jax.train --config``: ``cfg`` with the models
+    given as directories (no architecture fields)."""
+    import yaml
+
+    from topd_jax.train.config_loader import to_dict
+    d = to_dict(cfg)
+    d["student"], d["teacher"] = {"path": str(student_dir)}, {"path": str(teacher_dir)}
+    d.update(top)
+    with open(path, "w") as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    return path

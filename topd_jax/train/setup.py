@@ -77,7 +77,12 @@ def model_plan(spec: ModelSpec, role: str, path: str | None, seed: int) -> Model
                     else ModelConfig.from_hf_config(read_hf_config(directory)))
         except (FileNotFoundError, ValueError) as e:
             raise RunSetupError(f"{role}.path {path!r}: {e}") from None
-        return ModelPlan(role, str(directory), base.replace(**overrides, **extra), seed)
+        conflicts = {k: (v, getattr(base, k)) for k, v in overrides.items() if getattr(base, k) != v}
+        if conflicts:
+            listed = ", ".join(f"{role}.{k}={v!r} (the checkpoint has {b!r})" for k, (v, b) in conflicts.items())
+            raise RunSetupError(f"{role}.path {path!r}: architecture overrides contradict the checkpoint: "
+                                f"{listed}; they apply to random initialisation only")
+        return ModelPlan(role, str(directory), base.replace(**extra), seed)
     if spec.preset is not None:
         try:
             return ModelPlan(role, None, ModelConfig.preset(spec.preset, **overrides, **extra), seed)

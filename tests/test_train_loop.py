@@ -1,0 +1,53 @@
+"""train(cfg): a few steps end to end — history, evals, metrics files, checkpoints, HF
+export — plus the non-finite halt."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests._train_tiny import tiny_config
+from topd_jax.train import loop
+from topd_jax.train.loop import NonFiniteLossError, train
+
+
+def test_opd_run_writes_history_evals_metrics_checkpoints_and_hf_export(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "eval.at_start=true", "eval.at_end=true", "checkpoint.export_hf=true",
+                      "logging.every=2", steps=3)
+    result = train(cfg)
+    assert [r["step"] for r in result.history] == [1.0, 2.0, 3.0]
+    for key in ("loss", "token_kl", "grad_norm", "lr", "rollout_len", "time_sampling", "time_scoring",
+                "time_update", "tokens_per_s"):
+        assert np.isfinite(result.history[-1][key]), key
+    assert sorted(result.evals) == [0, 3] and all(0 <= a <= 1 for a in result.evals.values())
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [2, 3]  # logging.every=2, and the last step
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+    assert (result.hf_dir / "config.json").is_file()
+    assert result.final_step == 3 and not result.preempted
+
+
+def test_topd_run_logs_detector_and_guidance_metrics(tmp_path):
+    result = train(tiny_config(tmp_path / "run", "algorithm=topd", steps=2))
+    row = result.history[-1]
+    for key in ("traj_loss", "local_ot", "false_alarm_fraction", "guided_points_per_rollout",
+                "candidates_per_rollout"):
+        assert key in row and np.isfinite(row[key]), key
+    assert 0 < row["candidates_per_rollout"] <= 2
+
+
+def test_non_finite_losses_in_a_row_halt_with_a_clear_message(tmp_path, monkeypatch):
+    real = loop.load_model
+
+    def nan_teacher(plan, mesh):
+        model = real(plan, mesh)
+        if plan.role == "teacher":
+            nnx.update(model, jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), nnx.state(model)))
+        return model
+
+    monkeypatch.setattr(loop, "load_model", nan_teacher)
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row had a non-finite loss"):
+        train(tiny_config(tmp_path / "run", "max_nonfinite_steps=2", steps=5))
