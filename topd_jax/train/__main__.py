@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if cfg.data.source == "synthetic":
         from topd_jax.train import demo
-        demo.demo_report(cfg, result)
+        demo.demo_report(cfg, result, student_dir=student_path, teacher_dir=teacher_path)
     _summary(result)
     return 0
 

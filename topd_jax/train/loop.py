@@ -117,6 +117,10 @@ def train(cfg: RunConfig, *, student_path: str | None = None, teacher_path: str 
     plan = plan or plan_run(cfg, student_path, teacher_path)  # validates; writes nothing
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        print(f"{cfg.algorithm}: {len(plan.train_examples)} training prompts ({plan.skipped_prompts} skipped: "
+              f"longer than data.max_prompt_len={cfg.data.max_prompt_len}), {len(plan.eval_examples)} held-out; "
+              f"mesh {dict(plan.mesh.shape)}; output {out_dir}", flush=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     # Models are built outside ``set_mesh``: their init places each parameter by the rules
     # itself (NNX would otherwise read the logical names as mesh axes).
