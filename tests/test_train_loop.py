@@ -31,9 +31,10 @@ def test_opd_run_writes_history_evals_metrics_checkpoints_and_hf_export(tmp_path
 
 
 def test_topd_run_logs_detector_and_guidance_metrics(tmp_path):
-    result = train(tiny_config(tmp_path / "run", "algorithm=topd", steps=2))
+    # kl_window: the loop's TOPD path without compiling continuation samplers (see test_algorithms)
+    result = train(tiny_config(tmp_path / "run", "algorithm=topd", "topd.detector=kl_window", steps=2))
     row = result.history[-1]
-    for key in ("traj_loss", "local_ot", "false_alarm_fraction", "guided_points_per_rollout",
+    for key in ("traj_loss", "divergence", "false_alarm_fraction", "guided_points_per_rollout",
                 "candidates_per_rollout"):
         assert key in row and np.isfinite(row[key]), key
     assert 0 < row["candidates_per_rollout"] <= 2
