@@ -191,7 +191,11 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
         bar = tqdm(total=cfg.steps, initial=start, disable=not lg.progress_bar, desc=cfg.algorithm)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            prompts = next(loader)
+            try:
+                prompts = next(loader)
+            except StopIteration:
+                print(f"data exhausted after data.epochs={cfg.data.epochs} at step {step}", flush=True)
+                break
             timings: dict[str, float] = {}
             model = nnx.merge(graphdef, state.params)
             batch, prep, gen = prepare_batch(cfg, model, prompts, jax.random.fold_in(state.key(), step), frozen,
