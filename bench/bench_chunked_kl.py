@@ -7,7 +7,9 @@ that process, the same number GNU ``time -v`` reports) is its own. Modes:
              loss = token-mean reverse KL; gradient w.r.t. the student logits.
   unchunked  hidden [B, T, 256] @ lm_head [256, V] for both models, then
              ``token_divergence``; gradient w.r.t. student hidden and LM head.
-  chunked    the same computation through ``chunked_token_divergence``.
+  chunked    the same computation through ``chunked_token_divergence`` (remat per chunk).
+  fused      the same loss through ``chunked_opd_loss`` (gradient accumulated during
+             the forward sweep; no recomputation).
 
 Usage (one at a time; the naive modes need ≈ 17-19 GiB at T = 2048):
   python bench/bench_chunked_kl.py --seq 2048 --modes unchunked chunked
@@ -35,7 +37,7 @@ def worker(mode: str, seq: int, chunk_size: int, reps: int) -> dict:
     import jax.numpy as jnp
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from topd_jax.losses import chunked_token_divergence, opd_loss, token_divergence
+    from topd_jax.losses import chunked_opd_loss, chunked_token_divergence, opd_loss, token_divergence
 
     keys = jax.random.split(jax.random.key(0), 4)
     mask = jnp.ones((BATCH, seq), bool).at[:, : seq // 8].set(False)  # a prompt prefix
@@ -65,6 +67,10 @@ def worker(mode: str, seq: int, chunk_size: int, reps: int) -> dict:
             loss = lambda hs, ws, ht, wt: mean_loss(
                 chunked_token_divergence(hs, ws, ht, wt, mask, chunk_size=chunk_size)
             )
+        elif mode == "fused":
+            def loss(hs, ws, ht, wt):
+                total, count = chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=chunk_size)
+                return total / count
         else:
             raise ValueError(f"unknown mode {mode!r}")
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -84,7 +90,7 @@ def worker(mode: str, seq: int, chunk_size: int, reps: int) -> dict:
     return {
         "mode": mode,
         "seq": seq,
-        "chunk_size": chunk_size if mode == "chunked" else None,
+        "chunk_size": chunk_size if mode in ("chunked", "fused") else None,
         "loss": float(value),
         "compile_s": round(compile_s, 2),
         "warmup_s": round(warmup_s, 2),
@@ -98,8 +104,8 @@ def worker(mode: str, seq: int, chunk_size: int, reps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["logits", "unchunked", "chunked"])
-    parser.add_argument("--modes", nargs="+", default=["chunked", "unchunked", "logits"])
+    parser.add_argument("--worker", choices=["logits", "unchunked", "chunked", "fused"])
+    parser.add_argument("--modes", nargs="+", default=["fused", "chunked", "unchunked", "logits"])
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)

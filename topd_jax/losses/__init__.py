@@ -22,7 +22,7 @@ from topd_jax.losses.divergence import (
 # ---------------------------------------------------------------------------
 # Memory-bounded path: hidden states + LM heads, chunked over the sequence
 # ---------------------------------------------------------------------------
-from topd_jax.losses.chunked import chunked_token_divergence
+from topd_jax.losses.chunked import chunked_opd_loss, chunked_token_divergence
 
 # ---------------------------------------------------------------------------
 # Near-future windows (t+1 … t+K, O(T) for all t)
@@ -57,6 +57,7 @@ from topd_jax.losses.topd import (
 
 __all__ = [
     "DIVERGENCE_KINDS",
+    "chunked_opd_loss",
     "chunked_token_divergence",
     "common_vocab_size",
     "cosine_cost",
