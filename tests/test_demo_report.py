@@ -56,3 +56,33 @@ def test_opd_without_detector_reports_missing_metrics_as_na(tmp_path):
 def test_non_finite_metric_values_are_skipped():
     history = [{"step": 1, "local_ot": float("nan")}, {"step": 2, "local_ot": 0.2}]
     assert dr.series(history, "local_ot") == ([2], [0.2])
+
+
+def test_demo_report_reads_the_train_result_and_the_cached_model_meta(tmp_path, capsys):
+    from dataclasses import dataclass, field
+    from pathlib import Path
+
+    from topd_jax.train import demo
+    from topd_jax.train.config_loader import load_config
+
+    @dataclass
+    class StandInResult:  # the TrainResult fields demo_report reads
+        output_dir: Path
+        history: list = field(default_factory=hand_made_history)
+        evals: dict = field(default_factory=lambda: {0: 0.2, 20: 0.6})
+        final_step: int = 20
+
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    cfg = load_config(yaml, [f"demo.cache_dir={tmp_path / 'cache'}", "algorithm=opd",
+                             "topd.suppression=false_alarms"])
+    for role, acc in (("teacher", 0.9), ("student", 0.15)):
+        d = demo.cache_dir_for(cfg, role)
+        d.mkdir(parents=True)
+        (d / demo.META_FILE).write_text(json.dumps({"greedy_accuracy": acc, "num_params": 5}))
+    report = demo.demo_report(cfg, StandInResult(tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / dr.REPORT_JSON).read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["algorithm"] == "opd+false_alarms" and saved["teacher_accuracy"] == 0.9
+    assert (saved["student_accuracy_before"], saved["student_accuracy_after"]) == (0.2, 0.6)
+    assert saved["steps"] == 20 and (tmp_path / "run" / dr.REPORT_PNG).is_file()
+    assert "90.0%" in capsys.readouterr().out
