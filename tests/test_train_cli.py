@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from tests._train_tiny import TINY
@@ -84,3 +86,19 @@ def test_help_lists_options_and_exits_zero(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "usage: python -m topd_jax.train" in text and "topd.detector" in text
+
+
+def test_prompt_files_run_end_to_end_with_chunked_scoring_and_math_grading(tmp_path, tokenizer_dir):
+    """The real-model path on tiny pieces: JSONL prompts, an HF tokenizer, eval graded by
+    math-verify, the chunked (hidden states + LM head) divergence."""
+    from tests._train_tiny import tiny_config
+    from topd_jax.train.loop import train
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "problem": f"what is {i} + 1 ?", "answer": str(i + 1)})
+                            + "\n" for i in range(1, 4)))
+    cfg = tiny_config(tmp_path / "out", "data.source=files", f"data.train_files=[{data}]",
+                      f"data.eval_files=[{data}]", f"data.tokenizer={tokenizer_dir}", "loss.vocab_chunk=4",
+                      "eval.at_end=true", "checkpoint.export_hf=true", steps=2)
+    result = train(cfg)
+    assert np.isfinite(result.history[-1]["loss"]) and result.evals[2] == 0.0  # random model: nothing boxed
+    assert (result.hf_dir / "tokenizer.json").is_file()
