@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,8 +183,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     acc = PairAccumulator()
     preempted = False
     flag = PreemptionFlag()
-    import threading
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():  # signals need the main thread
         flag.install()
     try:
         if cfg.eval.at_start and start == 0 and 0 not in evals:

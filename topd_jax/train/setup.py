@@ -10,7 +10,6 @@ file (errors name the file and line), and builds the mesh. Nothing touches
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -138,12 +137,15 @@ def _hf_text(cfg: RunConfig, student_path: str | None) -> TextIO:
                   vocab_size=len(tok), hf_tokenizer=tok)
 
 
+@dataclass(frozen=True)
+class _Encoder:
+    encode: Callable[[str], list[int]]
+
+
 def _load_examples(files, fmt, text: TextIO, max_len: int, what: str):
     try:
-        return load_prompts(list(files), fmt, type("Enc", (), {"encode": staticmethod(text.encode)})(), max_len)
-    except FileNotFoundError as e:
-        raise RunSetupError(f"data.{what}: {e}") from None
-    except ValueError as e:
+        return load_prompts(list(files), fmt, _Encoder(text.encode), max_len)
+    except (FileNotFoundError, ValueError) as e:  # both name the file (and line)
         raise RunSetupError(f"data.{what}: {e}") from None
 
 
@@ -206,6 +208,3 @@ def load_model(plan: ModelPlan, mesh):
         return load_pretrained(plan.path, mesh=mesh, dtype=plan.config.dtype, param_dtype=plan.config.param_dtype)
     return init_model(plan.config, seed=plan.seed, mesh=mesh)
 
-
-def output_path(cfg: RunConfig) -> Path:
-    return Path(cfg.output_dir)
