@@ -209,8 +209,29 @@ def guidance_batch(cfg: RunConfig, rows, slots, idx, g_valid, conts, key, frozen
 
 
 # ---- the whole preparation ------------------------------------------------------------------
-def _f(x) -> float:
-    return float(np.asarray(x, np.float64).sum())
+@functools.partial(jax.jit, static_argnames=("quantile", "regime", "suppress", "weight", "guidance",
+                                             "max_per_row"))
+def classify(cand, pos, valid, d_slot, weights, loss, loss_mask, *, quantile: float, regime: str,
+             suppress: bool, weight: float, guidance: bool, max_per_row: int | None):
+    """Over the whole batch (before any micro-batching, as in the paper): suppression weights,
+    guided slots and the detector metrics' sums, in one compiled call.
+
+    Returns ``(weights [R, L], idx [R, m] | None, g_valid [R, m] | None, sums)``.
+    """
+    d_slot = jnp.where(valid, d_slot, 0.0)
+    d_tok = scatter_slots(d_slot, pos, valid, loss.shape[1])
+    suppressed = false_alarms(cand, d_tok, quantile=quantile, regime=regime)
+    low = false_alarms(cand, d_tok, quantile=quantile, regime="low_divergence")
+    if suppress:
+        weights = jnp.where(suppressed, jnp.float32(weight), weights)
+    m = loss_mask.astype(jnp.float32)
+    sums = {"loss": jnp.sum(loss * m), "tokens": jnp.sum(m), "cand": jnp.sum(cand), "low": jnp.sum(low),
+            "suppressed": jnp.sum(suppressed) if suppress else jnp.float32(0.0), "div": jnp.sum(d_slot)}
+    idx = g_valid = None
+    if guidance:
+        idx, g_valid = guided_slots(cand, d_tok, d_slot, valid, pos, quantile=quantile, max_per_row=max_per_row)
+        sums["guided"] = jnp.sum(g_valid)
+    return weights, idx, g_valid, sums
 
 
 def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,
@@ -218,40 +239,32 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     """OPD's batch plus suppression weights and (TOPD) guidance rows; see the module doc."""
     k_roll, k_det, k_guide = jax.random.split(key, 3)
     batch, metrics, gen = opd.prepare(cfg, student, prompts, k_roll, frozen, timings)
-    if "teacher_hidden" not in batch:  # sampled-token estimator: ℓ_t still needs the hidden states
-        batch["teacher_hidden_for_detector"] = timed(timings, "scoring", forward_hidden, frozen.teacher,
-                                                     batch["ids"], batch["seq_mask"])
-    t_hidden = batch.get("teacher_hidden", batch.pop("teacher_hidden_for_detector", None))
+    t_hidden = batch.get("teacher_hidden")
+    if t_hidden is None:  # sampled-token estimator: ℓ_t still needs the teacher's hidden states
+        t_hidden = timed(timings, "scoring", forward_hidden, frozen.teacher, batch["ids"], batch["seq_mask"])
     t = cfg.topd
     loss = timed(timings, "scoring", token_loss, cfg, student, batch, t_hidden, frozen.teacher_head)
     slots = candidate_slots(loss, batch["loss_mask"], mode=t.candidate_mode, num=t.num_candidates,
                             min_separation=t.min_separation, quantile=t.candidate_quantile, rollback=t.rollback)
     cand, pos, valid, _ = slots
     d_slot, conts = detect(cfg, student, batch, loss, slots, k_det, frozen, timings)
-    d_slot = jnp.where(valid, d_slot, 0.0)
-    length = batch["ids"].shape[1]
-    d_tok = scatter_slots(d_slot, pos, valid, length)
-    # Classification over the whole batch (before any micro-batching), as in the paper.
     mode = cfg.suppression
-    regime = "high_divergence" if mode == "high_divergence" else "low_divergence"
-    suppressed = false_alarms(cand, d_tok, quantile=t.false_alarm_quantile, regime=regime)
-    low = false_alarms(cand, d_tok, quantile=t.false_alarm_quantile, regime="low_divergence")
-    if mode != "none":
-        batch["weights"] = jnp.where(suppressed, jnp.float32(t.suppression_weight), batch["weights"])
+    batch["weights"], idx, g_valid, sums = classify(
+        cand, pos, valid, d_slot, batch["weights"], loss, batch["loss_mask"], quantile=t.false_alarm_quantile,
+        regime="high_divergence" if mode == "high_divergence" else "low_divergence", suppress=mode != "none",
+        weight=t.suppression_weight, guidance=cfg.uses_guidance, max_per_row=t.max_guided_points)
+    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
     rows_n = pos.shape[0]
-    n_cand = _f(cand)
     metrics.update({
-        "detector_token_loss": (_f(loss * batch["loss_mask"]), _f(batch["loss_mask"])),
-        "candidates_per_rollout": (n_cand, rows_n),
-        "false_alarm_fraction": (_f(low), n_cand),   # high-loss tokens in the low-divergence regime
-        "suppressed_fraction": (_f(suppressed) if mode != "none" else 0.0, n_cand),
-        "divergence": (_f(d_slot), n_cand),          # mean D_t over candidates
+        "detector_token_loss": (sums["loss"], sums["tokens"]),
+        "candidates_per_rollout": (sums["cand"], rows_n),
+        "false_alarm_fraction": (sums["low"], sums["cand"]),  # high-loss tokens in the low-divergence regime
+        "suppressed_fraction": (sums["suppressed"], sums["cand"]),
+        "divergence": (sums["div"], sums["cand"]),  # mean D_t over candidates
     })
     if t.detector == "ot_embedding":
         metrics["local_ot"] = metrics["divergence"]
     if cfg.uses_guidance:
-        idx, g_valid = guided_slots(cand, d_tok, d_slot, valid, pos, quantile=t.false_alarm_quantile,
-                                    max_per_row=t.max_guided_points)
         batch.update(guidance_batch(cfg, batch, slots, idx, g_valid, conts, k_guide, frozen, timings))
-        metrics["guided_points_per_rollout"] = (_f(g_valid), rows_n)
+        metrics["guided_points_per_rollout"] = (sums["guided"], rows_n)
     return batch, metrics, gen
