@@ -1,6 +1,8 @@
 """Algorithm wiring: token alignment, candidate slots, guidance rows, and a few updates of
 every algorithm on a fixed prepared batch (loss finite and decreasing)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from flax import nnx
 
 from tests._train_tiny import tiny_config
 from topd_jax.algorithms import Frozen, LossSpec, make_loss_fn, prepare_batch
+from topd_jax.algorithms.objective import add_normalizers
 from topd_jax.algorithms.scoring import forward_hidden, token_divergences, token_logprobs
 from topd_jax.algorithms.topd import candidate_slots, student_suffix_rows, suffix_windows
 from topd_jax.models import ModelConfig, init_model
@@ -122,8 +125,8 @@ def test_updates_on_a_fixed_batch_decrease_the_loss(setup, tmp_path, name):
     frozen = Frozen(t, t.lm_head_weight(), (2,), 0)
     seq_len = 6 + 10
     spec = LossSpec.from_config(cfg, seq_len)
-    coefs = {"opd": 1.0, "traj": 1.0} if spec.guidance else None
-    step = TrainStep(make_loss_fn(spec, graphdef), tx, lr_schedule(cfg.optim, 10), shardings, mesh, coefs=coefs)
+    step = TrainStep(make_loss_fn(spec, graphdef), tx, lr_schedule(cfg.optim, 10), shardings, mesh,
+                     normalize=functools.partial(add_normalizers, spec))
     with jax.set_mesh(mesh):
         batch, metrics, gen = prepare_batch(cfg, nnx.merge(graphdef, state.params), prompts,
                                             jax.random.key(3), frozen, {})

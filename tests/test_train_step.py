@@ -1,11 +1,14 @@
 """The jitted update: micro-batch accumulation, sharding invariance, non-finite skip."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from topd_jax.algorithms import LossSpec, make_loss_fn
+from topd_jax.algorithms.objective import add_normalizers
 from topd_jax.models import ModelConfig, init_model
 from topd_jax.sharding import MeshConfig, make_mesh
 from topd_jax.train.config import OptimConfig
@@ -42,9 +45,10 @@ def _run(mesh, batch, *, micro=1, guidance=False, steps=2):
     opt = OptimConfig(lr=1e-2, micro_batches=micro, warmup_fraction=0.0)
     tx = make_optimizer(opt, 10)
     graphdef, state, shardings = create_train_state(s, tx, mesh, seed=0)
-    spec = LossSpec(guidance=guidance, prefix_len=L, window=K, guidance_decay=0.8 if guidance else None)
+    spec = LossSpec(guidance=guidance, prefix_len=L, window=K, guidance_decay=0.8 if guidance else None,
+                    guidance_weight=0.5, micro_batches=micro)
     step = TrainStep(make_loss_fn(spec, graphdef), tx, lr_schedule(opt, 10), shardings, mesh, micro_batches=micro,
-                     coefs={"opd": 1.0, "traj": 0.5} if guidance else None)
+                     normalize=functools.partial(add_normalizers, spec))
     outs = []
     with jax.set_mesh(mesh):
         for _ in range(steps):
@@ -69,6 +73,9 @@ def test_four_micro_batches_equal_one_full_batch():
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(o1[0][key], o4[0][key], rtol=1e-5)
     assert float(o1[0]["opd_loss"][1]) == float(o4[0]["opd_loss"][1])  # global weighted token count
+    for o in (o1[0], o4[0]):  # L = L_OPD_w + λ·L_traj, each over its global count (λ = 0.5)
+        want = o["opd_loss"][0] / o["opd_loss"][1] + 0.5 * o["traj_loss"][0] / o["traj_loss"][1]
+        np.testing.assert_allclose(o["loss"], want, rtol=1e-5)
     # Adam turns near-zero gradient entries into ~lr-sized steps: compare at 1 % of lr.
     _assert_trees_close(p1, p4, atol=1e-4)
 

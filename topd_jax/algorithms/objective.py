@@ -17,7 +17,9 @@ guidance rows ``[G, L + K]`` (TOPD only): c_t followed by the K-token continuati
 
 ``make_loss_fn`` returns ``loss_fn(params, micro_batch, teacher_head) -> (terms, metrics)``,
 both ``{name: (sum, count)}`` as ``train.optim.accumulate_gradients`` expects: term ``opd``
-(and ``traj`` with guidance).
+(OPD, warm-up), or with guidance the single term ``topd`` = L_OPD_w + λ·L_traj normalised by
+the global counts that ``add_normalizers`` puts in the batch (metrics ``opd_loss`` and
+``traj_loss`` keep the two parts).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax.numpy as jnp
+import jax
 from flax import nnx
 from jax import lax
 
@@ -47,6 +50,8 @@ class LossSpec:
     guidance_decay: float | None = None
     prefix_len: int = 0                  # L: column where the guidance continuation starts
     window: int = 0                      # K
+    guidance_weight: float = 1.0         # lambda
+    micro_batches: int = 1
 
     @classmethod
     def from_config(cls, cfg: RunConfig, seq_len: int) -> "LossSpec":
@@ -57,11 +62,31 @@ class LossSpec:
             ce_weight=cfg.warmup.ce_weight if warm else 0.0, guidance=cfg.uses_guidance,
             guidance_kind="nll" if cfg.topd.guidance_target == "teacher_tokens" else "forward_kl",
             guidance_decay=None if cfg.topd.guidance_decay == 1.0 else cfg.topd.guidance_decay,
-            prefix_len=seq_len, window=cfg.topd.window)
+            prefix_len=seq_len, window=cfg.topd.window, guidance_weight=cfg.topd.guidance_weight,
+            micro_batches=cfg.optim.micro_batches)
 
-    @property
-    def coefs_names(self) -> tuple[str, ...]:
-        return ("opd", "traj") if self.guidance else ("opd",)
+
+def _window_weights(spec: LossSpec, window_mask: jax.Array) -> jax.Array:
+    """The per-token weights ``trajectory_guidance_loss`` counts (1, or gamma^i along the row)."""
+    valid = window_mask.astype(bool)
+    w = valid.astype(jnp.float32)
+    if spec.guidance_decay is not None:
+        index = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.float32)
+        w = w * jnp.power(jnp.float32(spec.guidance_decay), index)
+    return w
+
+
+def add_normalizers(spec: LossSpec, batch: dict) -> dict:
+    """With guidance: the global OPD and L_traj counts, as per-row copies (so that they split
+    into micro-batches like every other array). They depend on masks only, never on params,
+    which lets ``L_OPD_w + λ·L_traj`` be one term with ONE backward pass instead of one per
+    term (``optim.accumulate_gradients``' general path)."""
+    if not spec.guidance:
+        return batch
+    opd = jnp.sum(batch["loss_mask"].astype(jnp.float32) * batch["weights"])
+    traj = jnp.sum(_window_weights(spec, batch["g_window"]))
+    return dict(batch, opd_norm=jnp.full((batch["ids"].shape[0],), opd),
+                traj_norm=jnp.full((batch["g_ids"].shape[0],), traj))
 
 
 def _pair(x, mask):
@@ -93,10 +118,17 @@ def make_loss_fn(spec: LossSpec, graphdef: nnx.GraphDef):
                 per_token = spec.ce_weight * -logp + (1.0 - spec.ce_weight) * kl
                 metrics["ce"] = _pair(-logp, mask)
         metrics["token_kl"] = _pair(kl, mask)
-        terms = {"opd": opd_loss(per_token, mask, mb["weights"])}
-        if spec.guidance:
-            terms["traj"] = _guidance_term(spec, model, head, mb, teacher_head)
-        return terms, metrics
+        opd = opd_loss(per_token, mask, mb["weights"])
+        if not spec.guidance:
+            return {"opd": opd}, metrics
+        traj = _guidance_term(spec, model, head, mb, teacher_head)
+        metrics["opd_loss"] = (lax.stop_gradient(opd[0]), opd[1])
+        metrics["traj_loss"] = (lax.stop_gradient(traj[0]), traj[1])
+        # One term, already divided by the global counts (add_normalizers); its counts sum to 1
+        # over the micro-batches, so accumulate_gradients' division is by 1.
+        safe = lambda n: jnp.where(n > 0, n, 1.0)  # noqa: E731 - empty term: 0, not NaN
+        value = opd[0] / safe(mb["opd_norm"][0]) + spec.guidance_weight * traj[0] / safe(mb["traj_norm"][0])
+        return {"topd": (value, jnp.float32(1.0 / spec.micro_batches))}, metrics
 
     return loss_fn
 

@@ -21,6 +21,7 @@ and timing: ``time_sampling``, ``time_scoring``, ``time_update``, ``time_step`` 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -36,6 +37,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from topd_jax.algorithms import Frozen, LossSpec, make_loss_fn, prepare_batch
+from topd_jax.algorithms.objective import add_normalizers
 from topd_jax.checkpoints.train_state import PreemptionFlag, TrainCheckpointer, abstract_state
 from topd_jax.data.prompts import PromptLoader
 from topd_jax.train.config import RunConfig
@@ -140,9 +142,8 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     loader = _loader(cfg, plan)
     frozen = Frozen(teacher, teacher.lm_head_weight(), plan.text.eos_ids, plan.text.pad_id)
     spec = LossSpec.from_config(cfg, rollout_len(cfg))
-    coefs = {"opd": 1.0, "traj": cfg.topd.guidance_weight} if spec.guidance else None
     step_fn = TrainStep(make_loss_fn(spec, graphdef), tx, schedule, shardings, mesh,
-                        micro_batches=cfg.optim.micro_batches, coefs=coefs)
+                        micro_batches=cfg.optim.micro_batches, normalize=functools.partial(add_normalizers, spec))
     ckpt = TrainCheckpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     history: list[dict[str, float]] = []

@@ -37,8 +37,11 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedShar
 
 
 def update_impl(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
-                micro_batches: int, coefs: Mapping[str, float]):
-    """One optimizer step (traced). Returns ``(new_state, metrics)``."""
+                micro_batches: int, coefs: Mapping[str, float], normalize: Callable | None = None):
+    """One optimizer step (traced). Returns ``(new_state, metrics)``. ``normalize(batch)``
+    may add param-independent arrays computed over the whole batch (global counts)."""
+    if normalize is not None:
+        batch = normalize(batch)
     loss, grads, terms, metrics = accumulate_gradients(
         lambda p, mb: loss_fn(p, mb, teacher_head), state.params, batch, micro_batches, coefs)
     grad_norm = optax.tree.norm(grads)
@@ -64,9 +67,9 @@ class TrainStep:
 
     def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
                  shardings: TrainState, mesh: Mesh, *, micro_batches: int = 1,
-                 coefs: Mapping[str, float] | None = None):
+                 coefs: Mapping[str, float] | None = None, normalize: Callable | None = None):
         self._kw = dict(loss_fn=loss_fn, tx=tx, schedule=schedule, micro_batches=micro_batches,
-                        coefs=dict(coefs) if coefs is not None else None)
+                        coefs=dict(coefs) if coefs is not None else None, normalize=normalize)
         self.shardings, self.mesh = shardings, mesh
         self._compiled: dict[tuple, Callable] = {}
 
