@@ -2,6 +2,7 @@
 
     python bench/bench_opd_step.py                 # ours (OPD, TOPD at K=50) then TRL, one run
     python bench/bench_opd_step.py --no-trl        # ours only
+    python bench/bench_opd_step.py --no-ours       # TRL only (raw per-step times printed)
     python bench/bench_opd_step.py --reps 5        # more timed repetitions
 
 Protocol: student (42.0M) and teacher (96.7M) random Qwen3 models built by transformers after
@@ -206,6 +207,7 @@ def run_trl(work: Path, reps: int, venv: Path) -> dict:
     med = statistics.median(timed)
     return {"side": "TRL DistillationTrainer", "step_s": stats(timed), "seq_per_s": PROMPTS / med,
             "generation_s": statistics.median(gen) if gen else None, "first_step_s": r["step_t"][0],
+            "raw_step_s": r["step_t"], "raw_generation_s": r["gen_t"],
             "trl_version": subprocess.run([str(venv / "bin" / "python"), "-c", "import trl;print(trl.__version__)"],
                                           capture_output=True, text=True).stdout.strip()}
 
@@ -217,6 +219,7 @@ def main() -> None:
     ap.add_argument("--trl-venv", default="/tmp/topd_trl_venv")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--no-topd", action="store_true")
+    ap.add_argument("--no-ours", action="store_true", help="TRL side only")
     ap.add_argument("--worker", choices=["opd", "topd"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
@@ -227,7 +230,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
     results = []
-    for algo in ["opd"] + ([] if args.no_topd else ["topd"]):
+    for algo in ([] if args.no_ours else ["opd"] + ([] if args.no_topd else ["topd"])):
         proc = subprocess.run([sys.executable, __file__, "--worker", algo, "--reps", str(args.reps),
                                "--work", str(work)], capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
