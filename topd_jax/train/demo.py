@@ -6,10 +6,10 @@
 
 The teacher (``cfg.teacher`` sizes) is trained by supervised cross-entropy on reference
 solutions of the synthetic task (``topd_jax.data.synthetic``, teacher style, no slips) until
-it solves the held-out problems; the smaller student (``cfg.student``) is warmed up for a
-few steps on *noisy* solutions in its own surface style (a slip with probability
-``demo.student_noise``), so it knows the format but makes arithmetic mistakes: on-policy
-distillation from the teacher then has something to fix.
+it solves the held-out problems; the smaller student (``cfg.student``) is warmed up on
+*noisy* solutions in its own surface style (a slip with probability ``demo.student_noise``)
+for fewer steps than it needs to master the task, so it knows the format but makes
+arithmetic mistakes: on-policy distillation from the teacher then has something to fix.
 
 Each model is cached in ``<cache_dir>/<role>-<hash>`` where the hash covers exactly the
 config fields that change it (its sizes, the task, the recipe); a later run with the same
