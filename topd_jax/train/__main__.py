@@ -1,7 +1,7 @@
 """``python -m topd_jax.train [--config FILE.yaml] [key.sub=value ...] | --help``.
 
 With no arguments: the embedded demo (``configs/demo.yaml``): the tiny teacher and student
-of the synthetic task are prepared (trained once, then cached), OPD runs, and the demo
+of the synthetic task are prepared (trained once, then cached), TOPD runs (the demo default; `algorithm=opd` for plain OPD), and the demo
 report is written. With ``data.source=files``: a real run on local model directories.
 Exit status: 0 on success or after a SIGTERM-triggered save, 2 for a bad config or input
 (nothing written), 1 when training halts (non-finite losses).
@@ -10,10 +10,9 @@ Exit status: 0 on success or after a SIGTERM-triggered save, 2 for a bad config 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Sequence
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+from topd_jax.configs import DEMO_CONFIG  # package data: present in installed wheels too
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,8 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        default = DEMO_CONFIG if DEMO_CONFIG.is_file() else None
-        cfg = parse_cli(argv, default_config=default)
+        cfg = parse_cli(argv, default_config=DEMO_CONFIG)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
