@@ -1,4 +1,8 @@
-"""``python -m topd_jax.train [--config FILE.yaml] [key.sub=value ...] | --help``.
+"""``python -m topd_jax.train [--config FILE.yaml] [key.sub=value ...] [--plan ...] | --help``.
+
+``--plan [--device-memory-gib G] [--plan-devices N] [--no-compile]``: print the per-device memory
+plan (``topd_jax.train.plan``) and exit. Multi-host runs start ``jax.distributed`` first
+(``topd_jax.sharding.distributed``).
 
 With no arguments: the embedded demo (``configs/demo.yaml``): the tiny teacher and student
 of the synthetic task are prepared (trained once, then cached), TOPD runs (the demo default; `algorithm=opd` for plain OPD), and the demo
@@ -9,6 +13,7 @@ Exit status: 0 on success or after a SIGTERM-triggered save, 2 for a bad config 
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -19,10 +24,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from topd_jax.train.config import ConfigError
     from topd_jax.train.config_loader import parse_cli
 
+    from topd_jax.train.plan import PlanArgsError, split_plan_args
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        plan_args, argv = split_plan_args(argv)
         cfg = parse_cli(argv, default_config=DEMO_CONFIG)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, PlanArgsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if plan_args is not None:  # memory plan only: abstract shapes, no cluster, no allocation
+        from topd_jax.train.plan import plan_main
+        return plan_main(cfg, plan_args)
+    from topd_jax.sharding.distributed import (DistributedConfigError, initialize_distributed,
+                                               resolve_distributed)
+    try:  # before anything touches devices (plan_run builds the mesh)
+        d = cfg.distributed
+        initialize_distributed(resolve_distributed(os.environ, coordinator=d.coordinator,
+                                                   num_processes=d.num_processes,
+                                                   process_id=d.process_id))
+    except DistributedConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -130,6 +130,15 @@ class MeshConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class DistributedConfig(_Checked):
+    """Multi-host start-up (topd_jax.sharding.distributed); unset: TOPD_* / SLURM / TPU env."""
+    coordinator: str | None = opt(None, "host:port of process 0 (else TOPD_COORDINATOR)")
+    num_processes: int | None = opt(None, "processes in the job (else TOPD_NUM_PROCESSES)",
+                                    _positive)
+    process_id: int | None = opt(None, "this process's index (else TOPD_PROCESS_ID)", _nonneg)
+
+
+@dataclass(frozen=True)
 class SyntheticConfig(_Checked):
     """The embedded arithmetic-chain task (topd_jax.data.synthetic)."""
     num_train: int = opt(4096, "training problems generated", _positive)
@@ -332,6 +341,7 @@ class RunConfig(_Checked):
     student: ModelSpec = section(ModelSpec, "the trained model")
     teacher: ModelSpec = section(ModelSpec, "the frozen teacher")
     mesh: MeshConfig = section(MeshConfig, "device mesh")
+    distributed: DistributedConfig = section(DistributedConfig, "multi-host start-up")
     data: DataConfig = section(DataConfig, "prompts")
     rollout: RolloutConfig = section(RolloutConfig, "student sampling")
     loss: LossConfig = section(LossConfig, "per-token OPD loss")
