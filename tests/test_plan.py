@@ -1,0 +1,83 @@
+"""--plan: per-device bytes from eval_shape + the rules table, checked against placed arrays."""
+
+import jax
+import pytest
+
+from topd_jax.models import ModelConfig, init_model
+from topd_jax.sharding import MeshConfig, make_mesh
+from topd_jax.train.__main__ import main
+from topd_jax.train.config import OptimConfig
+from topd_jax.train.optim import make_optimizer
+from topd_jax.train.plan import (PlanArgs, PlanArgsError, abstract_params, kv_cache_bytes, opt_state_bytes,
+                                 param_bytes, split_plan_args)
+from topd_jax.train.state import create_train_state
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                   intermediate_size=48, rope_theta=1e4)
+REAL_YAML = """\
+algorithm: topd
+student: {preset: qwen3-4b, dtype: bfloat16, param_dtype: bfloat16}
+teacher: {preset: qwen3-8b, dtype: bfloat16, param_dtype: bfloat16}
+mesh: {data: 1, fsdp: -1, tensor: 1}
+data: {source: files, train_files: [/nonexistent/train.jsonl], prompts_per_step: 64}
+"""
+
+
+def _on_device0(tree) -> int:
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
+
+
+@pytest.mark.parametrize("axes", [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=8, tensor=1)])
+def test_planned_param_and_optimizer_bytes_equal_the_placed_arrays(axes):
+    mesh = make_mesh(MeshConfig(**axes))
+    tx = make_optimizer(OptimConfig(), 10)
+    _, state, _ = create_train_state(init_model(TINY, seed=0, mesh=mesh), tx, mesh, seed=0)
+    params = abstract_params(TINY)
+    assert param_bytes(params, dict(mesh.shape)) == _on_device0(state.params)
+    assert opt_state_bytes(tx, params, dict(mesh.shape)) == _on_device0(state.opt_state)
+
+
+def test_kv_cache_bytes_shard_rows_over_data_and_fsdp():
+    cfg = ModelConfig.preset("qwen3-4b", dtype="bfloat16")  # 36 layers, 8 kv heads x 128
+    full = 2 * 36 * 256 * 8800 * 8 * 128 * 2                 # k and v, bf16
+    assert kv_cache_bytes(cfg, 256, 8800, {"data": 2, "fsdp": 4, "tensor": 1}) == full // 8
+    assert kv_cache_bytes(cfg, 256, 8800, {"data": 1, "fsdp": 1, "tensor": 8}) == full // 8  # kv heads
+    assert kv_cache_bytes(cfg, 3, 10, {"data": 2, "fsdp": 1, "tensor": 1}) == 2 * 36 * 3 * 10 * 8 * 128 * 2
+
+
+def test_plan_flags_are_split_from_the_config_arguments():
+    assert split_plan_args(["--config", "x.yaml", "steps=2"]) == (None, ["--config", "x.yaml", "steps=2"])
+    args, rest = split_plan_args(["--plan", "--device-memory-gib", "80", "--plan-devices=64", "--no-compile",
+                                  "steps=2"])
+    assert args == PlanArgs(device_memory_gib=80.0, devices=64, compile=False) and rest == ["steps=2"]
+    with pytest.raises(PlanArgsError, match="--device-memory-gib needs a number, got 'lots'"):
+        split_plan_args(["--plan", "--device-memory-gib", "lots"])
+    with pytest.raises(PlanArgsError, match="only valid with --plan"):
+        split_plan_args(["--plan-devices", "8"])
+
+
+def test_demo_plan_compiles_the_step_and_reports_the_fit(capsys):
+    assert main(["--plan", "--device-memory-gib", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("student params", "optimizer state", "teacher params", "student KV cache",
+                "compiled step temporaries", "fits in 1 GiB"):
+        assert row in out, out
+    temp = int(out.split("compiled step temporaries")[1].split("(")[1].split(" B)")[0].replace(",", ""))
+    assert temp > 0
+    assert main(["--plan", "--no-compile", "--device-memory-gib", "0.0001"]) == 3
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_real_size_plan_uses_eval_shape_only(tmp_path, capsys):
+    path = tmp_path / "real.yaml"
+    path.write_text(REAL_YAML)
+    assert main(["--config", str(path), "--plan", "--plan-devices", "64", "--device-memory-gib", "95"]) == 0
+    out = capsys.readouterr().out
+    assert "'fsdp': 64" in out and "not measured" in out and "fits in 95 GiB" in out
+    student = int(out.split("student params")[1].split("(")[1].split(" B)")[0].replace(",", ""))
+    # qwen3-4b in bf16 split 64 ways (norm scales are replicated: a few KB more)
+    n = ModelConfig.preset("qwen3-4b").num_params()
+    assert 2 * n / 64 <= student < 2 * n / 64 + 2_000_000
+    assert main(["--config", str(path), "--plan", "--device-memory-gib", "16"]) == 3  # 8 local devices
+    assert "does NOT fit in 16 GiB" in capsys.readouterr().out
