@@ -66,3 +66,11 @@ def test_tpu_pod_and_forced_auto_leave_detection_to_jax():
     assert resolve_distributed({"TOPD_DISTRIBUTED": "auto"}).kwargs() == dict(
         coordinator_address=None, num_processes=None, process_id=None)
     assert resolve_distributed({**SLURM, "TOPD_DISTRIBUTED": "off"}) is None
+
+
+def test_cli_rejects_a_half_given_explicit_setup_before_touching_devices(capsys, monkeypatch):
+    from topd_jax.train.__main__ import main
+    for var in ("TOPD_COORDINATOR", "TOPD_NUM_PROCESSES", "TOPD_PROCESS_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["distributed.coordinator=head:1234", "distributed.process_id=0"]) == 2
+    assert "missing num_processes" in capsys.readouterr().err
