@@ -194,7 +194,9 @@ def step_batch(cfg: RunConfig, teacher: ModelConfig) -> dict[str, jax.ShapeDtype
     b = {"ids": sds((R, L), jnp.int32), "seq_mask": sds((R, L), bool), "loss_mask": sds((R, L), bool),
          "weights": sds((R, L), jnp.float32), "teacher_hidden": sds((R, L, d_t), jnp.float32)}
     if cfg.uses_guidance:
-        G, K = R * (cfg.topd.max_guided_points or 1), cfg.topd.window
+        t = cfg.topd  # guided points per row: at most max_guided_points of the C candidates
+        m = t.num_candidates if t.max_guided_points is None else min(t.max_guided_points, t.num_candidates)
+        G, K = R * m, t.window
         b.update(g_ids=sds((G, L + K), jnp.int32), g_mask=sds((G, L + K), bool), g_window=sds((G, K), bool),
                  g_targets=sds((G, K), jnp.int32), g_teacher_hidden=sds((G, K, d_t), jnp.float32))
     return b
