@@ -6,7 +6,7 @@
         logits = jax.jit(forward)(...)
 """
 
-from topd_jax.sharding.mesh import MESH_AXES, MeshConfig, initialize_multihost, make_mesh
+from topd_jax.sharding.mesh import MESH_AXES, MeshConfig, make_mesh
 from topd_jax.sharding.rules import (
     LOGICAL_AXIS_RULES,
     constrain,
@@ -20,7 +20,6 @@ __all__ = [
     "MESH_AXES",
     "MeshConfig",
     "constrain",
-    "initialize_multihost",
     "logical_to_spec",
     "make_mesh",
     "shard_model",

@@ -55,13 +55,3 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     devices = list(jax.devices() if devices is None else devices)
     shape = config.resolve(len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-
-
-def initialize_multihost(coordinator_address: str | None = None, num_processes: int | None = None,
-                         process_id: int | None = None) -> None:
-    """Start JAX's multi-host runtime (one process per host) before any other JAX call.
-
-    With no arguments JAX auto-detects TPU pods, SLURM and Open MPI environments.
-    """
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
