@@ -4,6 +4,7 @@
     python bench/bench_opd_step.py --no-trl        # ours only
     python bench/bench_opd_step.py --no-ours       # TRL only (raw per-step times printed)
     python bench/bench_opd_step.py --reps 5        # more timed repetitions
+    python bench/bench_opd_step.py --no-trl --set topd.reuse_student_suffix=true   # a TOPD option
 
 Protocol: student (42.0M) and teacher (96.7M) random Qwen3 models built by transformers after
 torch.manual_seed(0) / (1), saved to a temp dir and loaded by both sides; 8 prompts of exactly
@@ -25,6 +26,7 @@ OT detector, guidance on) over the same rollouts length; ratio of median step ti
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -81,12 +83,13 @@ def prepare(work: Path) -> None:
 
 
 # ---------------------------------------------------------------- ours
-def run_ours(work: Path, reps: int, algorithm: str) -> dict:
+def run_ours(work: Path, reps: int, algorithm: str, extra: list[str]) -> dict:
     import jax
     import numpy as np
     from flax import nnx
 
     from topd_jax.algorithms import Frozen, LossSpec, make_loss_fn, prepare_batch
+    from topd_jax.algorithms.objective import add_normalizers
     from topd_jax.checkpoints import load_pretrained
     from topd_jax.sharding import MeshConfig, make_mesh
     from topd_jax.train.config_loader import load_config
@@ -101,7 +104,7 @@ def run_ours(work: Path, reps: int, algorithm: str) -> dict:
         f"data.max_prompt_len={PROMPT_LEN}", "rollout.n=1", "rollout.temperature=1.0",
         f"rollout.max_new_tokens={NEW_TOKENS}", f"optim.lr={LR}", "optim.min_lr=0",
         "optim.warmup_fraction=0", "optim.b2=0.999", "optim.clip_norm=null", f"steps={reps + 1}",
-        "topd.window=50", "topd.num_candidates=3", "topd.min_separation=8"])
+        "topd.window=50", "topd.num_candidates=3", "topd.min_separation=8", *extra])
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     student, teacher = load_pretrained(work / "student"), load_pretrained(work / "teacher")
     with jax.set_mesh(mesh):
@@ -109,29 +112,35 @@ def run_ours(work: Path, reps: int, algorithm: str) -> dict:
         graphdef, state, shardings = create_train_state(student, tx, mesh, seed=0)
         seq_len = PROMPT_LEN + NEW_TOKENS
         spec = LossSpec.from_config(cfg, seq_len)
-        coefs = {"opd": 1.0, "traj": cfg.topd.guidance_weight} if spec.guidance else None
+        # as train.loop builds it: TOPD's single term needs the global counts (add_normalizers)
         step_fn = TrainStep(make_loss_fn(spec, graphdef), tx, lr_schedule(cfg.optim, cfg.steps), shardings,
-                            mesh, coefs=coefs)
+                            mesh, normalize=functools.partial(add_normalizers, spec))
         # eos_ids=(): no stop token, so every rollout has exactly NEW_TOKENS tokens
         frozen = Frozen(teacher, teacher.lm_head_weight(), (), 151643)
         batch_prompts = {"prompt_ids": np.asarray(prompts["ids"], np.int32),
                          "prompt_mask": np.ones((PROMPTS, PROMPT_LEN), bool)}
-        times, gen_times = [], []
+        times, phases = [], []
         for i in range(reps + 1):
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
             model = nnx.merge(graphdef, state.params)
             batch, _, gen = prepare_batch(cfg, model, batch_prompts, jax.random.key(i), frozen, timings)
+            jax.block_until_ready(batch)
+            t1 = time.perf_counter()
             state, out = step_fn(state, batch, frozen.teacher_head)
             jax.block_until_ready((state, out))
             times.append(time.perf_counter() - t0)
-            gen_times.append(timings.get("sampling", 0.0))
+            # sampling = rollouts + detector continuations; scoring = teacher forwards, ℓ_t, OT
+            phases.append({"sampling": timings.get("sampling", 0.0), "scoring": timings.get("scoring", 0.0),
+                           "prepare_other": t1 - t0 - timings.get("sampling", 0.0) - timings.get("scoring", 0.0),
+                           "update": times[-1] - (t1 - t0)})
             assert int(np.asarray(gen.lengths).min()) == NEW_TOKENS
     first, timed = times[0], times[1:]
     med = statistics.median(timed)
     return {"side": f"topd_jax {algorithm}", "step_s": stats(timed), "seq_per_s": PROMPTS / med,
-            "generation_s": statistics.median(gen_times[1:]), "first_step_s": first,
-            "compile_s": first - med}
+            "generation_s": statistics.median(p["sampling"] for p in phases[1:]), "first_step_s": first,
+            "compile_s": first - med, "raw_step_s": times,
+            "phases_s": {k: statistics.median(p[k] for p in phases[1:]) for k in phases[0]}}
 
 
 # ---------------------------------------------------------------- TRL (its own venv)
@@ -221,18 +230,21 @@ def main() -> None:
     ap.add_argument("--no-topd", action="store_true")
     ap.add_argument("--no-ours", action="store_true", help="TRL side only")
     ap.add_argument("--worker", choices=["opd", "topd"], help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for our TOPD run, e.g. --set topd.reuse_student_suffix=true")
     args = ap.parse_args()
     work = Path(args.work)
     sys.path.insert(0, str(ROOT))
     if args.worker:  # one algorithm per fresh process: no compile cache or memory shared
-        print("RESULT " + json.dumps(run_ours(work, args.reps, args.worker)), flush=True)
+        print("RESULT " + json.dumps(run_ours(work, args.reps, args.worker, args.set)), flush=True)
         return
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
     results = []
     for algo in ([] if args.no_ours else ["opd"] + ([] if args.no_topd else ["topd"])):
+        extra = [f"--set={kv}" for kv in args.set] if algo == "topd" else []
         proc = subprocess.run([sys.executable, __file__, "--worker", algo, "--reps", str(args.reps),
-                               "--work", str(work)], capture_output=True, text=True)
+                               "--work", str(work), *extra], capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         results.append(json.loads(lines[-1][7:]) if lines else
                        {"side": f"topd_jax {algo}", "error": proc.stderr.strip()[-1500:]})
@@ -242,6 +254,8 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
     load = os.getloadavg()
     print(f"\nW2, {os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end")
+    if args.set:
+        print(f"TOPD overrides: {' '.join(args.set)}")
     print("| side | s/step median (min-max) | seq/s | generation s | first step s |")
     print("|---|---|---|---|---|")
     for r in results:
@@ -251,6 +265,9 @@ def main() -> None:
         s = r["step_s"]
         print(f"| {r['side']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {r['seq_per_s']:.3f} | "
               f"{r['generation_s']:.2f} | {r['first_step_s']:.1f} |")
+    for r in results:
+        if "phases_s" in r:
+            print(f"{r['side']} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items()))
     ok = {r["side"]: r for r in results if "error" not in r}
     if "topd_jax opd" in ok and "topd_jax topd" in ok:
         print(f"TOPD/OPD step time at K=50: "
