@@ -72,11 +72,14 @@ def rollout_metrics(gen: GenerationResult) -> dict[str, Pair]:
 
 
 def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,
-            timings: dict[str, float]) -> tuple[dict, dict[str, Pair], GenerationResult]:
-    """Sample, score, and return ``(batch, metrics, rollouts)`` for the update step."""
+            timings: dict[str, float], *,
+            return_cache: bool = False) -> tuple[dict, dict[str, Pair], GenerationResult]:
+    """Sample, score, and return ``(batch, metrics, rollouts)`` for the update step.
+    ``return_cache``: keep the rollouts' KV cache in ``rollouts.cache`` (TOPD branches from it)."""
     r = cfg.rollout
     gen = timed(timings, "sampling", sample_rollouts, cfg, student, prompts, key, frozen,
-                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                return_cache=return_cache)
     rows = main_rows(gen)
     rows.update(timed(timings, "scoring", teacher_inputs, cfg, frozen, rows))
     return rows, rollout_metrics(gen), gen

@@ -108,12 +108,13 @@ def _ot_jit(embed, t_tokens, t_mask, s_tokens, s_mask, *, epsilon, iters):
     return ot_distance(x, y, t_mask, s_mask, epsilon=epsilon, max_iters=iters)
 
 
-def _continuations(cfg, model, rows, branch_at, key, frozen, per_slot: int) -> GenerationResult:
-    """``per_slot`` K-token continuations from every slot: rows ``(r * C + c) * per_slot + j``."""
+def _continuations(cfg, model, rows, branch_at, key, frozen, per_slot: int, cache=None) -> GenerationResult:
+    """``per_slot`` K-token continuations from every slot: rows ``(r * C + c) * per_slot + j``.
+    ``cache``: a KV cache already holding ``rows`` (the student's rollout cache): no prefill."""
     bt = np.repeat(np.asarray(branch_at), per_slot, axis=1)
     return continue_from(model, rows["ids"], rows["seq_mask"], bt, key=key, num_tokens=cfg.topd.window,
                          temperature=cfg.topd.continuation_temperature, eos_ids=frozen.eos_ids,
-                         pad_id=frozen.pad_id)
+                         pad_id=frozen.pad_id, cache=cache)
 
 
 def _margins(student, teacher, cont: GenerationResult, shape) -> tuple[jax.Array, jax.Array]:
@@ -125,8 +126,17 @@ def _margins(student, teacher, cont: GenerationResult, shape) -> tuple[jax.Array
     return margin.reshape(shape), (count > 0).reshape(shape)
 
 
-def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timings) -> tuple[jax.Array, Any]:
-    """D per slot ``[R, C]`` and the teacher continuations ``(result, per_slot)`` if any."""
+def needs_student_continuations(cfg: RunConfig) -> bool:
+    """Whether ``detect`` samples student continuations (then the rollout keeps its KV cache)."""
+    t = cfg.topd
+    return t.detector == "margin_w1" or (t.detector == "ot_embedding" and not t.reuse_student_suffix)
+
+
+def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timings,
+           student_cache=None) -> tuple[jax.Array, Any]:
+    """D per slot ``[R, C]`` and the teacher continuations ``(result, per_slot)`` if any.
+    ``student_cache``: the rollout's KV cache (``generate(..., return_cache=True)``), so the
+    student's continuations skip re-prefilling the rollouts."""
     _, pos, valid, branch_at = slots
     t = cfg.topd
     r, c = pos.shape
@@ -141,14 +151,15 @@ def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timi
             s_tok, s_mask = suffix_windows(rows["ids"], rows["loss_mask"], branch_at, t.window)
             s_tok, s_mask = jnp.repeat(s_tok, n, axis=0), jnp.repeat(s_mask, n, axis=0)
         else:
-            s_cont = timed(timings, "sampling", _continuations, cfg, student, rows, branch_at, k_s, frozen, n)
+            s_cont = timed(timings, "sampling", _continuations, cfg, student, rows, branch_at, k_s, frozen, n,
+                           student_cache)
             s_tok, s_mask = s_cont.tokens, s_cont.mask
         d = timed(timings, "scoring", _ot_jit, student.embedding_table(), t_cont.tokens, t_cont.mask, s_tok,
                   s_mask, epsilon=t.sinkhorn_epsilon, iters=t.sinkhorn_iters)
         return d.reshape(r, c, n).mean(axis=2), (t_cont, n)
     n = t.margin_samples  # margin_w1
     t_cont = timed(timings, "sampling", _continuations, cfg, frozen.teacher, rows, branch_at, k_t, frozen, n)
-    s_cont = timed(timings, "sampling", _continuations, cfg, student, rows, branch_at, k_s, frozen, n)
+    s_cont = timed(timings, "sampling", _continuations, cfg, student, rows, branch_at, k_s, frozen, n, student_cache)
     m_t, ok_t = timed(timings, "scoring", _margins, student, frozen.teacher, t_cont, (r, c, n))
     m_s, ok_s = timed(timings, "scoring", _margins, student, frozen.teacher, s_cont, (r, c, n))
     return margin_w1(m_t, m_s, ok_t, ok_s), (t_cont, n)
@@ -238,7 +249,9 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
             timings: dict[str, float]) -> tuple[dict, dict[str, Pair], GenerationResult]:
     """OPD's batch plus suppression weights and (TOPD) guidance rows; see the module doc."""
     k_roll, k_det, k_guide = jax.random.split(key, 3)
-    batch, metrics, gen = opd.prepare(cfg, student, prompts, k_roll, frozen, timings)
+    # The student branches from its own rollout cache (no second prefill of the rollouts).
+    keep_cache = needs_student_continuations(cfg)
+    batch, metrics, gen = opd.prepare(cfg, student, prompts, k_roll, frozen, timings, return_cache=keep_cache)
     t_hidden = batch.get("teacher_hidden")
     if t_hidden is None:  # sampled-token estimator: ℓ_t still needs the teacher's hidden states
         t_hidden = timed(timings, "scoring", forward_hidden, frozen.teacher, batch["ids"], batch["seq_mask"])
@@ -247,7 +260,8 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     slots = candidate_slots(loss, batch["loss_mask"], mode=t.candidate_mode, num=t.num_candidates,
                             min_separation=t.min_separation, quantile=t.candidate_quantile, rollback=t.rollback)
     cand, pos, valid, _ = slots
-    d_slot, conts = detect(cfg, student, batch, loss, slots, k_det, frozen, timings)
+    d_slot, conts = detect(cfg, student, batch, loss, slots, k_det, frozen, timings, gen.cache)
+    gen = gen.replace(cache=None)  # not part of what prepare returns (memory)
     mode = cfg.suppression
     batch["weights"], idx, g_valid, sums = classify(
         cand, pos, valid, d_slot, batch["weights"], loss, batch["loss_mask"], quantile=t.false_alarm_quantile,
