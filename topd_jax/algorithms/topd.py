@@ -49,12 +49,19 @@ def _token_loss_jit(graphdef, params, ids, seq_mask, loss_mask, teacher_hidden, 
                              teacher_head, loss_mask, **kw)
 
 
+# Positions per chunk of the no-gradient ℓ_t pass when ``loss.vocab_chunk`` is None. Without a
+# gradient chunking costs no recompute, and on CPU (W2, [8, 165, 151936]) 16 positions took
+# 2.65 s against 4.05 s for whole logits, same values to the bit (cache-sized working set).
+DETECTOR_CHUNK = 16
+
+
 def token_loss(cfg: RunConfig, student, rows: dict, teacher_hidden, teacher_head) -> jax.Array:
     """ℓ_t ``[R, L]`` token-indexed, no gradient: the configured per-token divergence."""
     graphdef, params = nnx.split(student)
+    chunk = cfg.loss.vocab_chunk if cfg.loss.vocab_chunk is not None else DETECTOR_CHUNK
     return _token_loss_jit(graphdef, params, rows["ids"], rows["seq_mask"], rows["loss_mask"], teacher_hidden,
                            teacher_head, kind=cfg.loss.divergence, beta=cfg.loss.jsd_beta,
-                           temperature=cfg.loss.kd_temperature, chunk=cfg.loss.vocab_chunk)
+                           temperature=cfg.loss.kd_temperature, chunk=chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "num", "min_separation", "quantile", "rollback"))
