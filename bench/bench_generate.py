@@ -20,7 +20,8 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
+
+from _timing import timed  # bench/_timing.py (run scripts as python bench/X.py)
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,19 +34,6 @@ from topd_jax.models import ModelConfig, init_model, load_pretrained  # noqa: E4
 from topd_jax.rollout import generate  # noqa: E402
 
 WORKLOAD_MODELS = {"student": ("tiny-student", 0), "teacher": ("tiny-teacher", 1)}  # preset, torch seed
-
-
-def timed(fn, reps: int) -> tuple[float, list[float]]:
-    """(first call seconds, [seconds of each of `reps` later calls])."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, times
 
 
 def report(name: str, new_tokens: int, first: float, times: list[float], compile_note: bool) -> float:

@@ -18,7 +18,8 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
+
+from _timing import timed  # bench/_timing.py (run scripts as python bench/X.py)
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,18 +35,6 @@ WORKLOAD_MODELS = {  # bench/WORKLOADS.md: (preset, torch seed)
     "student": ("tiny-student", 0),
     "teacher": ("tiny-teacher", 1),
 }
-
-
-def timed(fn, reps: int) -> tuple[float, list[float]]:
-    t0 = time.perf_counter()
-    fn()
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return warm, times
 
 
 def report(name: str, tokens: int, warm: float, times: list[float]) -> None:

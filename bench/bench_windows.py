@@ -18,20 +18,15 @@ import argparse
 import os
 import statistics
 import sys
-import time
+
+from _timing import timed as _timed  # bench/_timing.py (run scripts as python bench/X.py)
 
 import numpy as np
 
 
 def timed(fn, reps):
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    """(first call, median, min, max) seconds."""
+    first, times = _timed(fn, reps)
     return first, statistics.median(times), min(times), max(times)
 
 
