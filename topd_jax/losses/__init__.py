@@ -1,4 +1,4 @@
-"""``topd_jax.losses``: pure, jit-able loss functions for OPD and TOPD.
+"""``topd_jax.losses``: pure, jit-able loss functions for OPD, TOPD, GRPO and TAPO.
 
 Arrays in, arrays (or ``(loss, metrics)``) out; no Flax modules, no config objects, no
 I/O, and no import of anything else in ``topd_jax``. Every function computes in float32
@@ -55,20 +55,45 @@ from topd_jax.losses.topd import (
     trajectory_guidance_loss,
 )
 
+# ---------------------------------------------------------------------------
+# GRPO / TAPO: group advantages, clipped surrogate, aggregation, KL, OTS weights
+# ---------------------------------------------------------------------------
+from topd_jax.losses.grpo import (
+    ADVANTAGE_SCALES,
+    AGGREGATION_MODES,
+    KL_ESTIMATORS,
+    aggregate,
+    clipped_surrogate,
+    group_advantages,
+    kl_to_reference,
+    ots_weights,
+    policy_ratio_terms,
+    token_entropy,
+)
+
 __all__ = [
+    "ADVANTAGE_SCALES",
+    "AGGREGATION_MODES",
     "DIVERGENCE_KINDS",
+    "KL_ESTIMATORS",
+    "aggregate",
     "chunked_opd_loss",
     "chunked_token_divergence",
+    "clipped_surrogate",
     "common_vocab_size",
     "cosine_cost",
     "divergence_from_logp",
     "false_alarms",
+    "group_advantages",
+    "kl_to_reference",
     "margin_w1",
     "masked_quantile",
     "near_future_count",
     "near_future_window",
     "opd_loss",
     "ot_distance",
+    "ots_weights",
+    "policy_ratio_terms",
     "safe_log_softmax",
     "sampled_token_kl",
     "select_candidates",
@@ -77,6 +102,7 @@ __all__ = [
     "sinkhorn_plan",
     "suppression_weights",
     "token_divergence",
+    "token_entropy",
     "topd_loss",
     "trajectory_guidance_loss",
     "truncate_to_common_vocab",
