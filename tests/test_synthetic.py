@@ -8,6 +8,8 @@ from topd_jax.data.synthetic import (CONNECTIVES, STUDENT_STYLE, TEACHER_STYLE, 
                                      SyntheticTokenizer, check, generate_problems, make_splits,
                                      noisy_solution, reference_solution, render_solution,
                                      slipped_values, supervised_arrays, to_records)
+from topd_jax.data.synthetic import (CONSTRUCTION_WORDS, construction_target, first_error,
+                                     first_error_step, synthetic_synthesis_prompt)
 
 TOK = SyntheticTokenizer()
 
@@ -134,3 +136,68 @@ def test_bad_generation_parameters_are_rejected():
         generate_problems(1, 0, modulus=12)
     with pytest.raises(ValueError, match="min_steps=3 max_steps=2"):
         generate_problems(1, 0, min_steps=3, max_steps=2)
+
+
+# ---------------------------------------------------------------- TAPO construction examples
+CTOK = SyntheticTokenizer(construction_words=True)
+
+
+def test_construction_words_extend_the_vocabulary_without_moving_ids():
+    base = SyntheticTokenizer().vocab
+    assert len(base) == 122 and SyntheticTokenizer(construction_words=False).vocab == base
+    assert CTOK.vocab[:122] == base and CTOK.vocab[122:] == CONSTRUCTION_WORDS
+    assert CTOK.vocab_size == 128 and len(set(CTOK.vocab)) == 128
+    text = "<analysis> b = 3 </analysis> <reconstruction> wait fix </reconstruction>"
+    assert CTOK.decode(CTOK.encode(text)) == text
+    with pytest.raises(ValueError, match="'wait'"):
+        TOK.encode("b = 1 wait")
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), step_frac=st.floats(0, 0.999))
+def test_first_error_finds_the_slip_from_values_and_from_text(seed, step_frac):
+    p = generate_problems(1, seed, min_steps=1, max_steps=6)[0]
+    step = int(step_frac * len(p.steps))
+    rng = np.random.default_rng(seed)
+    vals = slipped_values(p, step, rng)
+    assert first_error_step(p, vals) == step and first_error_step(p, p.values) is None
+    for style in (TEACHER_STYLE, STUDENT_STYLE):
+        assert first_error(p, render_solution(p, vals, rng, style)) == step
+        assert first_error(p, reference_solution(p, rng, style)) is None
+
+
+def test_first_error_is_robust_to_garbage():
+    p = generate_problems(1, 0, min_steps=3, max_steps=3)[0]
+    wrong_b = (p.values[1] + 1) % p.modulus
+    for text in ["", "answer", "= = = 3", "b = = 1 + 2 = 3", "z = 1 + 2 = 3 ; h = 1 + 1 = 5",
+                 "b = 1 + 2 =", "bb = 1 + 2 = 9", None, 17]:
+        assert first_error(p, text) is None
+    assert first_error(p, f"so so b = 1 + 2 = {wrong_b}b ; b = 1 + 2 = {wrong_b}") == 0
+    with pytest.raises(ValueError, match="values has 2 entries"):
+        first_error_step(p, (1, 2))
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet="abc = +*-0123456789;\n", max_size=80))
+def test_first_error_never_raises(text):
+    p = generate_problems(1, 1, min_steps=2, max_steps=2)[0]
+    assert first_error(p, text) in (None, 0, 1)
+
+
+def test_construction_target_repairs_the_first_slip():
+    rng = np.random.default_rng(0)
+    for p in generate_problems(50, 9, min_steps=1, max_steps=5):
+        step = int(rng.integers(len(p.steps)))
+        wrong = render_solution(p, slipped_values(p, step, rng), rng, STUDENT_STYLE)
+        target = construction_target(p, wrong, rng)
+        words = target.split()
+        assert words[:2] == ["<analysis>", p.steps[step].var] and words[-1] == "</reconstruction>"
+        recon = target.split("<reconstruction>")[1].split("</reconstruction>")[0].strip()
+        head = recon.split(" wait ")[0]
+        assert wrong.startswith(head) and first_error(p, head) == step
+        assert check(recon, p.answer) and first_error(p, recon.split(" wait ")[1]) is None
+        assert len(CTOK.encode(target, add_bos=False)) + 1 <= 64
+        prompt = synthetic_synthesis_prompt(p, wrong, reference_solution(p, rng))
+        assert prompt.startswith(f"fix {p.prompt} ; {wrong} ; ") and len(CTOK.encode(prompt)) <= 128
+    with pytest.raises(ValueError, match="no wrong step line"):
+        construction_target(p, reference_solution(p, rng), rng)

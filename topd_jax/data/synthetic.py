@@ -33,6 +33,10 @@ CONNECTIVES = ("so", "thus", "hence", "then")
 OPS = ("+", "-", "*")
 VARS = tuple("abcdefgh")
 _ANSWER_RE = re.compile(r"answer\s+(\d+)")
+# TAPO construction format (topd_jax.algorithms.tapo_construct.TAGS) plus the correction
+# word and the synthesis-prompt word; 6 words so the extended vocabulary is exactly 128.
+CONSTRUCTION_WORDS = ("<analysis>", "</analysis>", "<reconstruction>", "</reconstruction>",
+                      "wait", "fix")
 
 
 # ---------------------------------------------------------------- problems and solutions
@@ -191,15 +195,21 @@ def check(completion: str, answer: str) -> bool:
 # ---------------------------------------------------------------- tokenizer
 @dataclass(frozen=True)
 class SyntheticTokenizer:
-    """Word-level tokenizer: specials, the numbers 0..99, variables, operators, words."""
+    """Word-level tokenizer: specials, the numbers 0..99, variables, operators, words.
+
+    ``construction_words=True`` appends ``CONSTRUCTION_WORDS`` (TAPO's tags, ``wait``,
+    ``fix``) after the 122 base words: existing ids are unchanged and the vocabulary is
+    exactly 128, so the demo models (``vocab_size: 128``) can learn the format."""
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
+    construction_words: bool = False
 
     @property
     def vocab(self) -> tuple[str, ...]:
         words = ("<pad>", "<bos>", "<eos>") + tuple(str(i) for i in range(100))
-        return words + VARS + OPS + ("=", ";", "?", "answer") + CONNECTIVES
+        words = words + VARS + OPS + ("=", ";", "?", "answer") + CONNECTIVES
+        return words + CONSTRUCTION_WORDS if self.construction_words else words
 
     @property
     def vocab_size(self) -> int:
@@ -225,7 +235,9 @@ class SyntheticTokenizer:
                 break
             if skip_special and i in (self.pad_id, self.bos_id):
                 continue
-            words.append(vocab[i])
+            # A model's vocabulary is padded past the tokenizer's (128 > 122): a sampled id
+            # beyond it is not a word; it decodes to <unk> (never a verifiable answer).
+            words.append(vocab[i] if 0 <= i < len(vocab) else "<unk>")
         return " ".join(words)
 
 
@@ -259,3 +271,91 @@ def to_records(problems: Sequence[Problem], prefix: str = "synthetic") -> list[d
     return [{"id": f"{prefix}-{i}", "problem": p.prompt, "answer": p.answer}
             for i, p in enumerate(problems)]
 
+
+
+# ---------------------------------------------------------------- TAPO construction examples
+# On this task the first error of a wrong rollout is known exactly, so cold-start examples
+# of the construction format (TAPO.md, "Cold start") are produced programmatically.
+# Words used: ``SyntheticTokenizer(construction_words=True)``.
+_STEP_LINE_RE = re.compile(r"(?<!\S)([a-h])\s+=\s+(\d+)\s+([-+*])\s+(\d+)\s+=\s+(\d+)(?!\S)")
+
+
+def first_error_step(problem: Problem, values: Sequence[int]) -> int | None:
+    """Index of the first step whose value differs from the correct one, or None.
+
+    ``values``: ``[len(steps) + 1]`` per-variable values, start first (as given to
+    ``render_solution``; e.g. ``slipped_values``).
+    """
+    if len(values) != len(problem.steps) + 1:
+        raise ValueError(f"values has {len(values)} entries, the problem needs "
+                         f"{len(problem.steps) + 1} (start + one per step)")
+    for i, (v, ok) in enumerate(zip(values[1:], problem.values[1:])):
+        if int(v) != ok:
+            return i
+    return None
+
+
+def _first_error_line(problem: Problem, text: str) -> tuple[int, int, int] | None:
+    """(step, wrong value, end offset of the line in ``text``) of the first line, in text
+    order, ``var = x op c = v`` with ``var`` a step variable and ``v`` not its correct
+    value; lines for other variables and any other text are ignored."""
+    if not isinstance(text, str):
+        return None
+    for m in _STEP_LINE_RE.finditer(text):
+        step = VARS.index(m.group(1)) - 1
+        if 0 <= step < len(problem.steps) and int(m.group(5)) != problem.values[step + 1]:
+            return step, int(m.group(5)), m.end()
+    return None
+
+
+def first_error(problem: Problem, completion_text: str) -> int | None:
+    """The step index of the first wrong ``var = x op c = v`` line of a completion, or None
+    (no wrong line: a correct solution, or text with no parsable step). Never raises."""
+    found = _first_error_line(problem, completion_text)
+    return None if found is None else found[0]
+
+
+def synthetic_synthesis_prompt(problem: Problem, wrong_text: str, right_text: str) -> str:
+    """The construction request in the synthetic vocabulary:
+    ``fix <problem prompt> ; <wrong solution> ; <right solution>`` (every part ends in a
+    recognisable way: the prompt with ``? var``, the solutions with ``answer N``; the 128-id
+    budget leaves no room for separate "wrong"/"right" words)."""
+    return f"fix {problem.prompt} ; {' '.join(wrong_text.split())} ; {' '.join(right_text.split())}"
+
+
+def _step_line(problem: Problem, step: int, rng: np.random.Generator, style: Style) -> str:
+    """The correct ``var = expr = value`` line of ``step`` (operand order drawn from style)."""
+    s, x = problem.steps[step], problem.values[step]
+    swap = s.op != "-" and rng.random() < style.swap_prob
+    expr = f"{s.const} {s.op} {x}" if swap else f"{x} {s.op} {s.const}"
+    return f"{s.var} = {expr} = {problem.values[step + 1]}"
+
+
+def construction_target(problem: Problem, wrong_text: str, rng: np.random.Generator,
+                        style: Style = STUDENT_STYLE) -> str:
+    """The ideal construction for a wrong solution, in the tag format::
+
+        <analysis> c = 2 </analysis> <reconstruction> b = 3 + 2 = 5 so c = 5 * 3 = 2
+        wait c = 5 * 3 = 1 hence d = 1 + 4 = 5 ; answer 5 </reconstruction>
+
+    The analysis names the first wrong line's claim (``var = wrong value``). The
+    reconstruction repeats ``wrong_text`` verbatim (words re-joined by single spaces, so
+    the token ids are the same) up to and including that line, then ``wait`` (the
+    micro-reflection), the corrected line, the remaining steps computed correctly and
+    ``; answer N``. Connectives and operand orders of the new lines are drawn from
+    ``style`` (default: the student's, whose rollouts these are).
+
+    Raises ValueError if ``wrong_text`` has no wrong step line (e.g. it is correct).
+    """
+    found = _first_error_line(problem, wrong_text)
+    if found is None:
+        raise ValueError(f"no wrong step line in {wrong_text!r} for problem {problem.prompt!r}")
+    step, wrong_value, end = found
+    lines = [" ".join(wrong_text[:end].split()), "wait", _step_line(problem, step, rng, style)]
+    for i in range(step + 1, len(problem.steps)):
+        conn = CONNECTIVES[rng.choice(len(CONNECTIVES), p=style.connective_probs)]
+        lines += [conn, _step_line(problem, i, rng, style)]
+    recon = " ".join(lines) + f" ; answer {problem.answer}"
+    var = problem.steps[step].var
+    return (f"<analysis> {var} = {wrong_value} </analysis> "
+            f"<reconstruction> {recon} </reconstruction>")
