@@ -3,14 +3,19 @@
     batch, metrics, rollouts = prepare_batch(cfg, student, prompts, key, frozen, timings)
 
 ``opd`` (plain OPD), ``topd`` (TOPD, and OPD + suppression / the high-divergence ablation),
-``warmup`` (stage-1, teacher samples). The differentiable loss over the batch is
-``objective.make_loss_fn`` (shared by all three); the jitted update is ``train.step``.
+``warmup`` (stage-1, teacher samples); ``grpo`` and ``tapo`` (RL with verifiable rewards,
+no teacher). The differentiable loss over the batch is ``objective.make_loss_fn`` (the
+distillation algorithms) or ``rl_objective.make_rl_loss_fn`` (GRPO/TAPO), chosen by
+``build_objective``; the jitted update is ``train.step``.
 """
 
 from __future__ import annotations
 
-from topd_jax.algorithms import opd, topd, warmup
-from topd_jax.algorithms.objective import LossSpec, make_loss_fn
+import functools
+
+from topd_jax.algorithms import grpo, opd, tapo, topd, warmup
+from topd_jax.algorithms.objective import LossSpec, add_normalizers, make_loss_fn
+from topd_jax.algorithms.rl_objective import RlSpec, add_rl_normalizers, make_rl_loss_fn
 from topd_jax.algorithms.opd import Frozen
 from topd_jax.train.config import RunConfig
 
@@ -19,9 +24,24 @@ def prepare_batch(cfg: RunConfig, student, prompts: dict, key, frozen: Frozen, t
     """Dispatch on ``cfg.algorithm`` (and whether the TOPD detector is needed)."""
     if cfg.algorithm == "warmup":
         return warmup.prepare(cfg, student, prompts, key, frozen, timings)
+    if cfg.algorithm == "grpo":
+        return grpo.prepare(cfg, student, prompts, key, frozen, timings)
+    if cfg.algorithm == "tapo":
+        return tapo.prepare(cfg, student, prompts, key, frozen, timings)
     if cfg.uses_detector:
         return topd.prepare(cfg, student, prompts, key, frozen, timings)
     return opd.prepare(cfg, student, prompts, key, frozen, timings)
 
 
-__all__ = ["Frozen", "LossSpec", "make_loss_fn", "opd", "prepare_batch", "topd", "warmup"]
+def build_objective(cfg: RunConfig, graphdef, seq_len: int):
+    """``(loss_fn, normalize)`` for ``train.step.TrainStep``: the algorithm's loss over a
+    prepared batch and the params-independent normaliser applied to each (mini-)batch."""
+    if cfg.is_rl:
+        spec = RlSpec.from_config(cfg)
+        return make_rl_loss_fn(spec, graphdef), functools.partial(add_rl_normalizers, spec)
+    spec = LossSpec.from_config(cfg, seq_len)
+    return make_loss_fn(spec, graphdef), functools.partial(add_normalizers, spec)
+
+
+__all__ = ["Frozen", "LossSpec", "RlSpec", "build_objective", "grpo", "make_loss_fn", "opd", "prepare_batch",
+           "tapo", "topd", "warmup"]

@@ -22,11 +22,14 @@ Pair = tuple[Any, Any]
 
 @dataclass(frozen=True)
 class Frozen:
-    """What every step needs besides the train state: the teacher and token ids."""
+    """What every step needs besides the train state: the teacher (for GRPO/TAPO: the frozen
+    reference policy, or None), token ids, and the text side (decode, verifier, template)."""
     teacher: Any            # topd_jax.models.Qwen, never optimised
     teacher_head: jax.Array  # [d_t, V_t]
     eos_ids: tuple[int, ...]
     pad_id: int
+    text: Any = None         # train.setup.TextIO: decode + verify (GRPO/TAPO rewards)
+    format_prompt: Any = None  # problem text -> model input text (the data template; TAPO)
 
 
 def timed(timings: dict[str, float], name: str, fn, *args, **kwargs):

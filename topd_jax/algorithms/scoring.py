@@ -52,6 +52,34 @@ def token_divergences(student_hidden, student_head, teacher_hidden, teacher_head
     return token_divergence(ls, lax.stop_gradient(lt), mask, kind=kind, beta=beta, temperature=temperature)
 
 
+def _per_position(fn, hidden: jax.Array, head: jax.Array, ids: jax.Array, *, temperature: float,
+                  chunk: int | None):
+    """Apply ``fn(logits [B, c, V] float32, ids [B, c]) -> pytree of [B, c]`` to the
+    token-indexed logits, ``chunk`` positions at a time (rematerialised) when given, so that
+    ``[rows, L, V]`` is never live. Returns the pytree of ``[rows, L]``."""
+    h = to_token_index(hidden).astype(jnp.float32)
+    w = head.astype(jnp.float32)
+
+    def on_chunk(h_c, ids_c):
+        return fn(jnp.einsum("bcd,dv->bcv", h_c, w) / temperature, ids_c)  # float32: stable softmax
+
+    rows, length = ids.shape
+    if chunk is None or chunk >= length:
+        return on_chunk(h, ids)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(rows, n, chunk, -1).swapaxes(0, 1)
+    ip = jnp.pad(ids, ((0, 0), (0, pad))).reshape(rows, n, chunk).swapaxes(0, 1)
+    body = jax.checkpoint(lambda c, xs: (c, on_chunk(*xs)), prevent_cse=False)
+    _, out = lax.scan(body, None, (hp, ip))
+    return jax.tree.map(lambda o: o.swapaxes(0, 1).reshape(rows, n * chunk)[:, :length], out)
+
+
+def _picked_logprob(logits, ids):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - lse
+
+
 def token_logprobs(hidden: jax.Array, head: jax.Array, ids: jax.Array, mask: jax.Array, *,
                    temperature: float = 1.0, chunk: int | None = None) -> jax.Array:
     """``log p(ids[:, t] | ids[:, :t])`` token-indexed ``[rows, L]`` float32, 0 off ``mask``.
@@ -59,27 +87,26 @@ def token_logprobs(hidden: jax.Array, head: jax.Array, ids: jax.Array, mask: jax
     hidden ``[rows, L, d]`` position-indexed; head ``[d, V]``. With ``chunk`` the sequence is
     scanned ``chunk`` positions at a time (rematerialised), never holding ``[rows, L, V]``.
     """
-    h = to_token_index(hidden).astype(jnp.float32)
-    w = head.astype(jnp.float32)
+    out = _per_position(_picked_logprob, hidden, head, ids, temperature=temperature, chunk=chunk)
+    return jnp.where(mask.astype(bool), out, 0.0)
+
+
+def token_logprobs_entropy(hidden: jax.Array, head: jax.Array, ids: jax.Array, mask: jax.Array, *,
+                           temperature: float = 1.0, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(log p(y_t), H_t)``, both token-indexed ``[rows, L]`` float32 and 0 off ``mask``:
+    the log-prob of each token and the entropy of the distribution it was drawn from."""
+
+    def fn(logits, ids_c):
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp_all, ids_c[..., None], axis=-1)[..., 0]
+        # p log p with p = 0 where log p = -inf: zero it explicitly (0 * -inf = NaN).
+        p = jnp.exp(logp_all)
+        entropy = -jnp.sum(jnp.where(p > 0, p * logp_all, 0.0), axis=-1)
+        return picked, entropy
+
+    logp, entropy = _per_position(fn, hidden, head, ids, temperature=temperature, chunk=chunk)
     valid = mask.astype(bool)
-
-    def picked(h_c, ids_c):  # [B, c, d], [B, c] -> [B, c]
-        logits = jnp.einsum("bcd,dv->bcv", h_c, w) / temperature  # float32: stable log-softmax
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return jnp.take_along_axis(logits, ids_c[..., None], axis=-1)[..., 0] - lse
-
-    rows, length = ids.shape
-    if chunk is None or chunk >= length:
-        out = picked(h, ids)
-    else:
-        n = -(-length // chunk)
-        pad = n * chunk - length
-        hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(rows, n, chunk, -1).swapaxes(0, 1)
-        ip = jnp.pad(ids, ((0, 0), (0, pad))).reshape(rows, n, chunk).swapaxes(0, 1)
-        body = jax.checkpoint(lambda c, xs: (c, picked(*xs)), prevent_cse=False)
-        _, out = lax.scan(body, None, (hp, ip))
-        out = out.swapaxes(0, 1).reshape(rows, n * chunk)[:, :length]
-    return jnp.where(valid, out, 0.0)
+    return jnp.where(valid, logp, 0.0), jnp.where(valid, entropy, 0.0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -106,3 +133,18 @@ def score_tokens(model, ids: jax.Array, mask: jax.Array, target_mask: jax.Array,
     graphdef, state = nnx.split(model)
     return _logprob_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
                         jnp.asarray(target_mask, bool), temperature=float(temperature), chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("temperature", "chunk"))
+def _logprob_entropy_jit(graphdef, state, ids, mask, target_mask, *, temperature, chunk):
+    model = nnx.merge(graphdef, state)
+    return token_logprobs_entropy(hidden_states(model, ids, mask), model.lm_head_weight(), ids, target_mask,
+                                  temperature=temperature, chunk=chunk)
+
+
+def score_tokens_entropy(model, ids: jax.Array, mask: jax.Array, target_mask: jax.Array, *,
+                         temperature: float = 1.0, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Jitted ``token_logprobs_entropy`` under ``model`` (no gradient): two ``[rows, L]``."""
+    graphdef, state = nnx.split(model)
+    return _logprob_entropy_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
+                                jnp.asarray(target_mask, bool), temperature=float(temperature), chunk=chunk)

@@ -36,6 +36,7 @@ class PromptExample:
     ids: tuple[int, ...]
     answer: str | tuple[str, ...]  # a tuple for a multi-value answer (see rewards.math)
     where: str  # "<file> id <id>", for messages
+    problem: str = ""  # the problem text before templating (TAPO's synthesis prompt quotes it)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def load_prompts(paths: Sequence[str | Path], format_prompt: Callable[[str], str
             total += 1
             ids = tuple(int(i) for i in tokenizer.encode(format_prompt(item.problem)))
             if len(ids) <= max_prompt_len:
-                examples.append(PromptExample(ids, item.answer, f"{path} id {item.id}"))
+                examples.append(PromptExample(ids, item.answer, f"{path} id {item.id}", item.problem))
     if not examples:
         raise ValueError(f"all {total} prompts in {list(map(str, paths))} are longer than "
                          f"max_prompt_len={max_prompt_len} tokens")
@@ -107,7 +108,8 @@ def load_prompts(paths: Sequence[str | Path], format_prompt: Callable[[str], str
 
 def collate(examples: Sequence[PromptExample], prompt_len: int, pad_id: int) -> dict[str, Any]:
     """Left-pad to ``prompt_len``: ``prompt_ids [B,P] int32``, ``prompt_mask [B,P] bool``
-    (True on real tokens), ``answers`` (str, or tuple of str for a multi-value answer)."""
+    (True on real tokens), ``answers`` (str, or tuple of str for a multi-value answer),
+    ``problems`` (the untemplated problem texts)."""
     ids = np.full((len(examples), prompt_len), pad_id, np.int32)
     mask = np.zeros((len(examples), prompt_len), bool)
     for i, ex in enumerate(examples):
@@ -115,7 +117,8 @@ def collate(examples: Sequence[PromptExample], prompt_len: int, pad_id: int) -> 
             raise ValueError(f"{ex.where}: prompt of {len(ex.ids)} tokens > {prompt_len}")
         ids[i, prompt_len - len(ex.ids):] = ex.ids
         mask[i, prompt_len - len(ex.ids):] = True
-    return {"prompt_ids": ids, "prompt_mask": mask, "answers": [ex.answer for ex in examples]}
+    return {"prompt_ids": ids, "prompt_mask": mask, "answers": [ex.answer for ex in examples],
+            "problems": [ex.problem for ex in examples]}
 
 
 class PromptLoader:

@@ -315,12 +315,13 @@ def first_error(problem: Problem, completion_text: str) -> int | None:
     return None if found is None else found[0]
 
 
-def synthetic_synthesis_prompt(problem: Problem, wrong_text: str, right_text: str) -> str:
+def synthetic_synthesis_prompt(problem: Problem | str, wrong_text: str, right_text: str) -> str:
     """The construction request in the synthetic vocabulary:
     ``fix <problem prompt> ; <wrong solution> ; <right solution>`` (every part ends in a
     recognisable way: the prompt with ``? var``, the solutions with ``answer N``; the 128-id
     budget leaves no room for separate "wrong"/"right" words)."""
-    return f"fix {problem.prompt} ; {' '.join(wrong_text.split())} ; {' '.join(right_text.split())}"
+    prompt = problem if isinstance(problem, str) else problem.prompt  # the trainer has the text only
+    return f"fix {prompt} ; {' '.join(wrong_text.split())} ; {' '.join(right_text.split())}"
 
 
 def _step_line(problem: Problem, step: int, rng: np.random.Generator, style: Style) -> str:

@@ -264,6 +264,57 @@ class WarmupConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class GrpoConfig(_Checked):
+    """GRPO (algorithm grpo, and tapo's base): group-normalised advantages over the
+    ``rollout.n`` samples of a prompt, PPO-clipped token surrogate (TAPO.md steps 1-2)."""
+    clip_low: float = opt(0.2, "PPO clip: ratio floor 1 - clip_low", _open_unit)
+    clip_high: float = opt(0.2, "PPO clip: ratio ceiling 1 + clip_high (DAPO: 0.28)", _positive)
+    advantage_eps: float = opt(1e-6, "epsilon in (r - mean) / (std + eps)", _positive)
+    advantage_scale: Literal["std", "none"] = opt(
+        "std", "divide advantages by the group std (none: Dr. GRPO, r - mean only)")
+    aggregation: Literal["token_mean", "sequence_mean"] = opt(
+        "token_mean", "token_mean: sum over all tokens / token count (DAPO); sequence_mean: "
+        "mean over sequences of each sequence's token mean (original GRPO)")
+    kl_coef: float = opt(0.0, "weight of the KL to the reference policy (the initial "
+                         "student, kept frozen); 0: no reference model is loaded", _nonneg)
+    kl_estimator: Literal["k1", "k3"] = opt("k3", "per-token KL estimator (k3: Schulman's)")
+    updates_per_batch: int = opt(1, "optimizer updates per rollout batch, on that many row "
+                                 "mini-batches (> 1 makes the PPO clip active)", _positive)
+
+
+@dataclass(frozen=True)
+class TapoConfig(_Checked):
+    """TAPO: corrected versions of wrong rollouts written by the policy (TAPO.md steps 3-8)."""
+    n_pos: int = opt(2, "DCS gate: at least this many right rollouts in the group", _positive)
+    n_neg: int = opt(4, "DCS gate: at least this many wrong rollouts in the group", _positive)
+    m_max: int = opt(4, "at most this many constructions per prompt", _positive)
+    ref_weight: float = opt(1.0, "lambda: weight of L_ref", _nonneg)
+    ref_group: Literal["batch", "prompt"] = opt(
+        "batch", "scope of G_ref's advantage normalisation: all constructions of the batch, "
+        "or per prompt (zero-variance groups give no signal; logged)")
+    construction_mode: Literal["splice", "text"] = opt(
+        "splice", "splice: the wrong rollout's own token ids up to the verified common prefix, "
+        "then the new tokens; text: trust the re-typed reconstruction")
+    min_prefix: int = opt(0, "constructions sharing fewer prefix tokens with the wrong "
+                          "rollout are dropped", _nonneg)
+    temperature: float | None = opt(None, "construction sampling temperature (None: "
+                                    "rollout.temperature)", _positive)
+    max_new_tokens: int | None = opt(None, "construction length (None: 2 x "
+                                     "rollout.max_new_tokens + 64)", _positive)
+    max_synthesis_prompt_len: int | None = opt(
+        None, "synthesis prompts longer than this are dropped (None: data.max_prompt_len + "
+        "2 x rollout.max_new_tokens + 64)", _positive)
+    ots: bool = opt(True, "OOD-token suppression weights on constructed trajectories")
+    ots_low: float = opt(0.01, "OTS weight floor", _positive)
+    ots_high: float = opt(10.0, "OTS weight ceiling", _positive)
+    mask_error_prefix: bool = opt(False, "exclude the spliced wrong prefix from L_ref")
+
+    def _validate(self):
+        if self.ots_low > self.ots_high:
+            raise ConfigError("ots_low", f"ots_low={self.ots_low} > ots_high={self.ots_high}")
+
+
+@dataclass(frozen=True)
 class OptimConfig(_Checked):
     """AdamW with warm-up + cosine to min_lr, global-norm clipping, grad accumulation."""
     lr: float = opt(2e-6, "peak learning rate", _positive)
@@ -326,13 +377,15 @@ class DemoConfig(_Checked):
     student_noise: float = opt(0.3, "probability that a warm-up solution has a slip", _unit)
 
 
-Algorithm = Literal["opd", "topd", "warmup"]
+Algorithm = Literal["opd", "topd", "warmup", "grpo", "tapo"]
+RL_ALGORITHMS = ("grpo", "tapo")
 
 
 @dataclass(frozen=True)
 class RunConfig(_Checked):
     """A whole run. ``algorithm`` selects the wiring; the sections hold every option."""
-    algorithm: Algorithm = opt("opd", "opd | topd | warmup (stage-1 off-policy warm-up)")
+    algorithm: Algorithm = opt("opd", "opd | topd | warmup (stage-1 off-policy warm-up) | grpo "
+                               "| tapo (RL with verifiable rewards; no teacher)")
     steps: int = opt(1000, "optimizer steps", _positive)
     seed: int = opt(0, "seed of every PRNG stream (sampling, shuffling, init)")
     output_dir: str = opt("runs/default", "metrics, plots, report and (default) checkpoints")
@@ -347,6 +400,8 @@ class RunConfig(_Checked):
     loss: LossConfig = section(LossConfig, "per-token OPD loss")
     topd: TopdConfig = section(TopdConfig, "TOPD detector, suppression and guidance")
     warmup: WarmupConfig = section(WarmupConfig, "stage-1 warm-up")
+    grpo: GrpoConfig = section(GrpoConfig, "GRPO (grpo and tapo)")
+    tapo: TapoConfig = section(TapoConfig, "TAPO constructions")
     optim: OptimConfig = section(OptimConfig, "optimizer")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpointing")
     logging: LoggingConfig = section(LoggingConfig, "metrics sinks")
@@ -354,7 +409,7 @@ class RunConfig(_Checked):
     demo: DemoConfig = section(DemoConfig, "embedded demo stages")
 
     def _validate(self):
-        for name in ("student", "teacher"):
+        for name in ("student",) if self.is_rl else ("student", "teacher"):
             if not getattr(self, name).is_specified:
                 raise ConfigError(f"{name}.path", "no model given: set path, preset, or all of "
                                   + ", ".join(_ARCH_REQUIRED))
@@ -362,6 +417,19 @@ class RunConfig(_Checked):
             raise ConfigError("optim.micro_batches", f"{self.optim.micro_batches} does not "
                               f"divide rollout.n * data.prompts_per_step = "
                               f"{self.rollout.n * self.data.prompts_per_step}")
+        if self.is_rl:
+            rows = self.rollout.n * self.data.prompts_per_step
+            if rows % (self.grpo.updates_per_batch * self.optim.micro_batches):
+                raise ConfigError("grpo.updates_per_batch", f"updates_per_batch="
+                                  f"{self.grpo.updates_per_batch} x optim.micro_batches="
+                                  f"{self.optim.micro_batches} does not divide rollout.n * "
+                                  f"data.prompts_per_step = {rows}")
+            if self.rollout.n < 2:
+                raise ConfigError("rollout.n", f"{self.algorithm} needs >= 2 rollouts per prompt "
+                                  f"(group-normalised advantages), got {self.rollout.n}")
+        if self.algorithm == "tapo" and self.tapo.n_pos + self.tapo.n_neg > self.rollout.n:
+            raise ConfigError("tapo.n_pos", f"n_pos={self.tapo.n_pos} + n_neg={self.tapo.n_neg} > "
+                              f"rollout.n={self.rollout.n}: no group can pass the DCS gate")
         if self.algorithm == "warmup" and self.loss.estimator == "sampled_token":
             raise ConfigError("loss.estimator", "the warm-up stage trains on teacher samples; "
                               "the sampled-token estimator is on-policy only")
@@ -379,6 +447,16 @@ class RunConfig(_Checked):
         """Whether candidates and D_t must be computed (TOPD, or OPD with suppression)."""
         return self.algorithm == "topd" or (self.algorithm == "opd"
                                             and self.suppression != "none")
+
+    @property
+    def is_rl(self) -> bool:
+        """GRPO/TAPO: rewards from the verifier, no teacher."""
+        return self.algorithm in RL_ALGORITHMS
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a frozen reference policy is loaded (the KL term of GRPO/TAPO)."""
+        return self.is_rl and self.grpo.kl_coef > 0
 
     @property
     def uses_guidance(self) -> bool:

@@ -21,7 +21,6 @@ and timing: ``time_sampling``, ``time_scoring``, ``time_update``, ``time_step`` 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
@@ -36,8 +35,7 @@ import yaml
 from flax import nnx
 from tqdm.auto import tqdm
 
-from topd_jax.algorithms import Frozen, LossSpec, make_loss_fn, prepare_batch
-from topd_jax.algorithms.objective import add_normalizers
+from topd_jax.algorithms import Frozen, build_objective, prepare_batch
 from topd_jax.checkpoints.train_state import PreemptionFlag, TrainCheckpointer, abstract_state
 from topd_jax.data.prompts import PromptLoader
 from topd_jax.train.config import RunConfig
@@ -128,7 +126,7 @@ def train(cfg: RunConfig, *, student_path: str | None = None, teacher_path: str 
     # Models are built outside ``set_mesh``: their init places each parameter by the rules
     # itself (NNX would otherwise read the logical names as mesh axes).
     student = load_model(plan.student, plan.mesh)
-    teacher = load_model(plan.teacher, plan.mesh)
+    teacher = load_model(plan.teacher, plan.mesh) if plan.teacher is not None else None  # none: GRPO/TAPO
     with jax.set_mesh(plan.mesh):
         return _run(cfg, plan, out_dir, student, teacher)
 
@@ -140,10 +138,13 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     graphdef, state, shardings = create_train_state(student, tx, mesh, seed=cfg.seed, copy=False)
     del student
     loader = _loader(cfg, plan)
-    frozen = Frozen(teacher, teacher.lm_head_weight(), plan.text.eos_ids, plan.text.pad_id)
-    spec = LossSpec.from_config(cfg, rollout_len(cfg))
-    step_fn = TrainStep(make_loss_fn(spec, graphdef), tx, schedule, shardings, mesh,
-                        micro_batches=cfg.optim.micro_batches, normalize=functools.partial(add_normalizers, spec))
+    # Without a teacher (GRPO/TAPO) the step's head argument is a placeholder it never reads.
+    head = teacher.lm_head_weight() if teacher is not None else jax.numpy.zeros((1, 1), jax.numpy.float32)
+    frozen = Frozen(teacher, head, plan.text.eos_ids, plan.text.pad_id, text=plan.text,
+                    format_prompt=plan.format_prompt)
+    loss_fn, normalize = build_objective(cfg, graphdef, rollout_len(cfg))
+    step_fn = TrainStep(loss_fn, tx, schedule, shardings, mesh, micro_batches=cfg.optim.micro_batches,
+                        normalize=normalize, updates=cfg.grpo.updates_per_batch if cfg.is_rl else 1)
     ckpt = TrainCheckpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     history: list[dict[str, float]] = []

@@ -41,18 +41,22 @@ class TextIO:
     pad_id: int
     vocab_size: int
     hf_tokenizer: Any = None  # saved next to the HF export when present
+    # Completion text -> ids without any prefix token (a model's continuation; TAPO
+    # re-tokenizes reconstructions). None: ``encode`` (adds nothing already).
+    encode_completion: Callable[[str], list[int]] | None = None
 
 
 @dataclass
 class RunPlan:
     cfg: RunConfig
     student: ModelPlan
-    teacher: ModelPlan
+    teacher: ModelPlan | None  # GRPO/TAPO: the frozen reference policy, or None without a KL term
     text: TextIO
     train_examples: list[PromptExample]
     eval_examples: list[PromptExample]
     skipped_prompts: int
     mesh: jax.sharding.Mesh
+    format_prompt: Callable[[str], str] | None = None  # problem text -> model input (the data template)
 
 
 class RunSetupError(ValueError):
@@ -99,10 +103,12 @@ def _check_vocab(student: ModelPlan, teacher: ModelPlan) -> None:
                             f"({e}); OPD needs a shared tokenizer") from None
 
 
-def _synthetic_text() -> TextIO:
-    tok = synthetic.SyntheticTokenizer()
+def _synthetic_text(cfg: RunConfig) -> TextIO:
+    # TAPO's constructions need the tag/correction words; every other id is unchanged.
+    tok = synthetic.SyntheticTokenizer(construction_words=cfg.algorithm == "tapo")
     return TextIO(encode=tok.encode, decode=tok.decode, verify=synthetic.check, eos_ids=(tok.eos_id,),
-                  pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+                  pad_id=tok.pad_id, vocab_size=tok.vocab_size,
+                  encode_completion=lambda s: tok.encode(s, add_bos=False))
 
 
 def _format_fn(cfg: RunConfig) -> Callable[[str], str]:
@@ -155,7 +161,7 @@ def _synthetic_examples(cfg: RunConfig, text: TextIO):
                                          max_steps=s.max_steps, modulus=s.modulus)
 
     def examples(problems, name):
-        out = [PromptExample(tuple(text.encode(p.prompt)), p.answer, f"synthetic-{name} {i}")
+        out = [PromptExample(tuple(text.encode(p.prompt)), p.answer, f"synthetic-{name} {i}", p.prompt)
                for i, p in enumerate(problems)]
         kept = [e for e in out if len(e.ids) <= cfg.data.max_prompt_len]
         return kept, len(out) - len(kept)
@@ -169,15 +175,19 @@ def _synthetic_examples(cfg: RunConfig, text: TextIO):
 def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str | None = None) -> RunPlan:
     """Validate every input of ``cfg``; raises ``RunSetupError`` naming the bad one."""
     student = model_plan(cfg.student, "student", student_path, cfg.seed)
-    teacher = model_plan(cfg.teacher, "teacher", teacher_path, cfg.seed + 1)
-    _check_vocab(student, teacher)
+    if cfg.is_rl:  # no teacher; the KL reference is the initial student (same path or seed)
+        teacher = model_plan(cfg.student, "reference", student_path, cfg.seed) if cfg.uses_reference else None
+    else:
+        teacher = model_plan(cfg.teacher, "teacher", teacher_path, cfg.seed + 1)
+        _check_vocab(student, teacher)
     if cfg.loss.top_k_logits is not None:
         raise RunSetupError("loss.top_k_logits: the top-k logit approximation is not implemented in the "
                             "trainer yet; leave it None (exact full-vocabulary divergence)")
     if cfg.topd.ot_solver != "sinkhorn":
         raise RunSetupError(f"topd.ot_solver={cfg.topd.ot_solver!r}: only 'sinkhorn' is implemented")
     if cfg.data.source == "synthetic":
-        text = _synthetic_text()
+        text = _synthetic_text(cfg)
+        fmt = None  # the synthetic prompt is the model input
         train, evals, skipped = _synthetic_examples(cfg, text)
     else:
         text = _hf_text(cfg, student.path)
@@ -187,7 +197,7 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
         evals = []
         if cfg.data.eval_files:
             evals, _ = _load_examples(cfg.data.eval_files, fmt, text, cfg.data.max_prompt_len, "eval_files")
-    for plan in (student, teacher):
+    for plan in (p for p in (student, teacher) if p is not None):
         if plan.config.vocab_size < text.vocab_size:
             raise RunSetupError(f"{plan.role}: vocab_size={plan.config.vocab_size} < the tokenizer's "
                                 f"{text.vocab_size} tokens")
@@ -198,7 +208,7 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
         mesh = make_mesh(ShardingMesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor))
     except ValueError as e:
         raise RunSetupError(f"mesh: {e}") from None
-    return RunPlan(cfg, student, teacher, text, train, evals, skipped, mesh)
+    return RunPlan(cfg, student, teacher, text, train, evals, skipped, mesh, fmt)
 
 
 def load_model(plan: ModelPlan, mesh):

@@ -1,6 +1,6 @@
 """The jitted update: gradients accumulated over micro-batches, AdamW, non-finite skip.
 
-    step = TrainStep(loss_fn, tx, schedule, shardings, mesh, micro_batches=4, coefs=...)
+    step = TrainStep(loss_fn, tx, schedule, shardings, mesh, micro_batches=4, coefs=..., updates=1)
     state, metrics = step(state, batch, teacher_head)   # state donated
 
 ``loss_fn(params, micro_batch, teacher_head) -> (terms, metrics)`` with ``{name: (sum,
@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from topd_jax.sharding import logical_to_spec
-from topd_jax.train.optim import accumulate_gradients, select_if_finite
+from topd_jax.train.optim import accumulate_gradients, select_if_finite, split_micro_batches
 from topd_jax.train.state import TrainState, replicated
 
 
@@ -36,10 +36,9 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedShar
     return out
 
 
-def update_impl(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
-                micro_batches: int, coefs: Mapping[str, float], normalize: Callable | None = None):
-    """One optimizer step (traced). Returns ``(new_state, metrics)``. ``normalize(batch)``
-    may add param-independent arrays computed over the whole batch (global counts)."""
+def _apply_update(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
+                  micro_batches: int, coefs: Mapping[str, float] | None, normalize: Callable | None):
+    """Gradient over ``batch`` and one optimizer update (traced): ``(params, opt_state, ok, metrics)``."""
     if normalize is not None:
         batch = normalize(batch)
     loss, grads, terms, metrics = accumulate_gradients(
@@ -57,8 +56,35 @@ def update_impl(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx
         out[f"{name}_loss"] = (s, c)
     out.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.opt_steps),
                skipped=(~ok).astype(jnp.float32))
-    new = state.replace(step=state.step + 1, opt_steps=state.opt_steps + ok.astype(jnp.int32),
-                        params=params, opt_state=opt_state)
+    return params, opt_state, ok, out
+
+
+def update_impl(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
+                micro_batches: int, coefs: Mapping[str, float], normalize: Callable | None = None,
+                updates: int = 1):
+    """One step (traced): ``updates`` optimizer updates on as many consecutive row
+    mini-batches of ``batch`` (PPO-style; 1: one update on the whole batch). ``normalize(b)``
+    may add param-independent arrays computed over the (mini-)batch (global counts).
+    Returns ``(new_state, metrics)``; ``step`` advances by 1, ``opt_steps`` by the number of
+    finite updates. With several updates, ``(sum, count)`` metrics add up, scalars are
+    averaged and ``skipped`` is the fraction of skipped updates."""
+    kw = dict(loss_fn=loss_fn, tx=tx, schedule=schedule, micro_batches=micro_batches, coefs=coefs,
+              normalize=normalize)
+    if updates == 1:
+        params, opt_state, ok, out = _apply_update(state, batch, teacher_head, **kw)
+        opt_steps = state.opt_steps + ok.astype(jnp.int32)
+    else:
+        def body(carry, mini):
+            params, opt_state, opt_steps = carry
+            s = state.replace(params=params, opt_state=opt_state, opt_steps=opt_steps)
+            p, o, ok, out = _apply_update(s, mini, teacher_head, **kw)
+            return (p, o, opt_steps + ok.astype(jnp.int32)), out
+
+        (params, opt_state, opt_steps), outs = jax.lax.scan(
+            body, (state.params, state.opt_state, state.opt_steps), split_micro_batches(batch, updates))
+        out = {k: (tuple(jnp.sum(x) for x in v) if isinstance(v, tuple) else jnp.mean(v))
+               for k, v in outs.items()}
+    new = state.replace(step=state.step + 1, opt_steps=opt_steps, params=params, opt_state=opt_state)
     return new, out
 
 
@@ -67,9 +93,11 @@ class TrainStep:
 
     def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
                  shardings: TrainState, mesh: Mesh, *, micro_batches: int = 1,
-                 coefs: Mapping[str, float] | None = None, normalize: Callable | None = None):
+                 coefs: Mapping[str, float] | None = None, normalize: Callable | None = None,
+                 updates: int = 1):
         self._kw = dict(loss_fn=loss_fn, tx=tx, schedule=schedule, micro_batches=micro_batches,
-                        coefs=dict(coefs) if coefs is not None else None, normalize=normalize)
+                        coefs=dict(coefs) if coefs is not None else None, normalize=normalize,
+                        updates=updates)
         self.shardings, self.mesh = shardings, mesh
         self._compiled: dict[tuple, Callable] = {}
 
