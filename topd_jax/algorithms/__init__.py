@@ -3,7 +3,7 @@
     batch, metrics, rollouts = prepare_batch(cfg, student, prompts, key, frozen, timings)
 
 ``opd`` (plain OPD), ``topd`` (TOPD, and OPD + suppression / the high-divergence ablation),
-``warmup`` (stage-1, teacher samples); ``grpo`` and ``tapo`` (RL with verifiable rewards,
+``warmup`` (stage-1, teacher samples); ``sft`` (fixed responses, e.g. TAPO's cold start); ``grpo`` and ``tapo`` (RL with verifiable rewards,
 no teacher). The differentiable loss over the batch is ``objective.make_loss_fn`` (the
 distillation algorithms) or ``rl_objective.make_rl_loss_fn`` (GRPO/TAPO), chosen by
 ``build_objective``; the jitted update is ``train.step``.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 
-from topd_jax.algorithms import grpo, opd, tapo, topd, warmup
+from topd_jax.algorithms import grpo, opd, sft, tapo, topd, warmup
 from topd_jax.algorithms.objective import LossSpec, add_normalizers, make_loss_fn
 from topd_jax.algorithms.rl_objective import RlSpec, add_rl_normalizers, make_rl_loss_fn
 from topd_jax.algorithms.opd import Frozen
@@ -24,6 +24,8 @@ def prepare_batch(cfg: RunConfig, student, prompts: dict, key, frozen: Frozen, t
     """Dispatch on ``cfg.algorithm`` (and whether the TOPD detector is needed)."""
     if cfg.algorithm == "warmup":
         return warmup.prepare(cfg, student, prompts, key, frozen, timings)
+    if cfg.algorithm == "sft":
+        return sft.prepare(cfg, student, prompts, key, frozen, timings)
     if cfg.algorithm == "grpo":
         return grpo.prepare(cfg, student, prompts, key, frozen, timings)
     if cfg.algorithm == "tapo":
@@ -44,4 +46,4 @@ def build_objective(cfg: RunConfig, graphdef, seq_len: int):
 
 
 __all__ = ["Frozen", "LossSpec", "RlSpec", "build_objective", "grpo", "make_loss_fn", "opd", "prepare_batch",
-           "tapo", "topd", "warmup"]
+           "sft", "tapo", "topd", "warmup"]

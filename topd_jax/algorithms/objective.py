@@ -40,7 +40,7 @@ from topd_jax.train.config import RunConfig
 class LossSpec:
     """Static settings of the loss (hashable: part of the compiled step's identity)."""
     estimator: str = "full_vocab"        # full_vocab | sampled_token
-    kind: str = "reverse_kl"             # per-token divergence on the main rows
+    kind: str = "reverse_kl"             # per-token divergence on the main rows; "ce": SFT, no teacher
     beta: float = 0.5                    # jsd
     temperature: float = 1.0             # KD temperature
     chunk: int | None = None             # positions per chunk (None: whole logits)
@@ -56,8 +56,9 @@ class LossSpec:
     @classmethod
     def from_config(cls, cfg: RunConfig, seq_len: int) -> "LossSpec":
         warm = cfg.algorithm == "warmup"
+        kind = "ce" if cfg.algorithm == "sft" else "forward_kl" if warm else cfg.loss.divergence
         return cls(
-            estimator=cfg.loss.estimator, kind="forward_kl" if warm else cfg.loss.divergence,
+            estimator=cfg.loss.estimator, kind=kind,
             beta=cfg.loss.jsd_beta, temperature=cfg.loss.kd_temperature, chunk=cfg.loss.vocab_chunk,
             ce_weight=cfg.warmup.ce_weight if warm else 0.0, guidance=cfg.uses_guidance,
             guidance_kind="nll" if cfg.topd.guidance_target == "teacher_tokens" else "forward_kl",
@@ -103,6 +104,10 @@ def make_loss_fn(spec: LossSpec, graphdef: nnx.GraphDef):
         ids, mask = mb["ids"], mb["loss_mask"]
         hidden = hidden_states(model, ids, mb["seq_mask"])  # [R, L, d_s]
         metrics = {}
+        if spec.kind == "ce":  # supervised: token-mean cross-entropy of the targets
+            nll = -token_logprobs(hidden, head, ids, mask, temperature=1.0, chunk=spec.chunk)
+            metrics["ce"] = _pair(nll, mask)
+            return {"opd": opd_loss(nll, mask, mb["weights"])}, metrics
         if spec.estimator == "sampled_token":
             # Tinker-style policy gradient: advantage -(log p_s - log p_T), held constant,
             # times log p_s(y_t); its gradient is the sampled-token estimate of the reverse KL's.

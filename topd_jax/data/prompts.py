@@ -37,6 +37,7 @@ class PromptExample:
     answer: str | tuple[str, ...]  # a tuple for a multi-value answer (see rewards.math)
     where: str  # "<file> id <id>", for messages
     problem: str = ""  # the problem text before templating (TAPO's synthesis prompt quotes it)
+    response: str | None = None  # the target text of a supervised (SFT) example
 
 
 @dataclass(frozen=True)
@@ -87,19 +88,26 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def load_prompts(paths: Sequence[str | Path], format_prompt: Callable[[str], str],
-                 tokenizer: Encoder, max_prompt_len: int) -> tuple[list[PromptExample],
-                                                                    PromptStats]:
+                 tokenizer: Encoder, max_prompt_len: int, *,
+                 response_field: str | None = None) -> tuple[list[PromptExample], PromptStats]:
     """Format and tokenize every prompt; those longer than ``max_prompt_len`` are skipped
-    and counted. Raises if no prompt is left."""
+    and counted. Raises if no prompt is left. ``response_field``: every record must also hold
+    a non-empty string there (supervised examples; kept as ``PromptExample.response``)."""
     if not paths:
         raise ValueError("no prompt files given")
     examples, total = [], 0
     for path in paths:
         for item in read_records(path):
             total += 1
+            response = None
+            if response_field is not None:
+                response = item.extra.get(response_field)
+                if not isinstance(response, str) or not response.strip():
+                    raise ValueError(f"{path} id {item.id}: field {response_field!r} must be a non-empty "
+                                     f"string (the supervised target), got {response!r:.80}")
             ids = tuple(int(i) for i in tokenizer.encode(format_prompt(item.problem)))
             if len(ids) <= max_prompt_len:
-                examples.append(PromptExample(ids, item.answer, f"{path} id {item.id}", item.problem))
+                examples.append(PromptExample(ids, item.answer, f"{path} id {item.id}", item.problem, response))
     if not examples:
         raise ValueError(f"all {total} prompts in {list(map(str, paths))} are longer than "
                          f"max_prompt_len={max_prompt_len} tokens")
@@ -109,7 +117,7 @@ def load_prompts(paths: Sequence[str | Path], format_prompt: Callable[[str], str
 def collate(examples: Sequence[PromptExample], prompt_len: int, pad_id: int) -> dict[str, Any]:
     """Left-pad to ``prompt_len``: ``prompt_ids [B,P] int32``, ``prompt_mask [B,P] bool``
     (True on real tokens), ``answers`` (str, or tuple of str for a multi-value answer),
-    ``problems`` (the untemplated problem texts)."""
+    ``problems`` (the untemplated problem texts), ``responses`` (SFT targets, or None)."""
     ids = np.full((len(examples), prompt_len), pad_id, np.int32)
     mask = np.zeros((len(examples), prompt_len), bool)
     for i, ex in enumerate(examples):
@@ -118,7 +126,7 @@ def collate(examples: Sequence[PromptExample], prompt_len: int, pad_id: int) -> 
         ids[i, prompt_len - len(ex.ids):] = ex.ids
         mask[i, prompt_len - len(ex.ids):] = True
     return {"prompt_ids": ids, "prompt_mask": mask, "answers": [ex.answer for ex in examples],
-            "problems": [ex.problem for ex in examples]}
+            "problems": [ex.problem for ex in examples], "responses": [ex.response for ex in examples]}
 
 
 class PromptLoader:

@@ -176,6 +176,8 @@ class DataConfig(_Checked):
     max_prompt_len: int = opt(800, "prompts longer than this (tokens) are skipped", _positive)
     shuffle: bool = opt(True, "shuffle prompts (seeded, reshuffled every epoch)")
     epochs: int | None = opt(None, "passes over the prompts (None: repeat forever)", _positive)
+    response_field: str = opt("response", "algorithm=sft: the record field holding the target "
+                              "text (truncated to rollout.max_new_tokens tokens)")
     synthetic: SyntheticConfig = section(SyntheticConfig, "synthetic demo task")
 
     def _validate(self):
@@ -377,7 +379,7 @@ class DemoConfig(_Checked):
     student_noise: float = opt(0.3, "probability that a warm-up solution has a slip", _unit)
 
 
-Algorithm = Literal["opd", "topd", "warmup", "grpo", "tapo"]
+Algorithm = Literal["opd", "topd", "warmup", "grpo", "tapo", "sft"]
 RL_ALGORITHMS = ("grpo", "tapo")
 
 
@@ -385,7 +387,8 @@ RL_ALGORITHMS = ("grpo", "tapo")
 class RunConfig(_Checked):
     """A whole run. ``algorithm`` selects the wiring; the sections hold every option."""
     algorithm: Algorithm = opt("opd", "opd | topd | warmup (stage-1 off-policy warm-up) | grpo "
-                               "| tapo (RL with verifiable rewards; no teacher)")
+                               "| tapo (RL with verifiable rewards; no teacher) | sft (supervised "
+                               "on the files' data.response_field; e.g. TAPO's cold start)")
     steps: int = opt(1000, "optimizer steps", _positive)
     seed: int = opt(0, "seed of every PRNG stream (sampling, shuffling, init)")
     output_dir: str = opt("runs/default", "metrics, plots, report and (default) checkpoints")
@@ -409,7 +412,7 @@ class RunConfig(_Checked):
     demo: DemoConfig = section(DemoConfig, "embedded demo stages")
 
     def _validate(self):
-        for name in ("student",) if self.is_rl else ("student", "teacher"):
+        for name in ("student", "teacher") if self.needs_teacher else ("student",):
             if not getattr(self, name).is_specified:
                 raise ConfigError(f"{name}.path", "no model given: set path, preset, or all of "
                                   + ", ".join(_ARCH_REQUIRED))
@@ -430,6 +433,9 @@ class RunConfig(_Checked):
         if self.algorithm == "tapo" and self.tapo.n_pos + self.tapo.n_neg > self.rollout.n:
             raise ConfigError("tapo.n_pos", f"n_pos={self.tapo.n_pos} + n_neg={self.tapo.n_neg} > "
                               f"rollout.n={self.rollout.n}: no group can pass the DCS gate")
+        if self.algorithm == "sft" and self.data.source != "files":
+            raise ConfigError("data.source", "algorithm=sft trains on the files' responses; "
+                              f"got data.source={self.data.source!r}")
         if self.algorithm == "warmup" and self.loss.estimator == "sampled_token":
             raise ConfigError("loss.estimator", "the warm-up stage trains on teacher samples; "
                               "the sampled-token estimator is on-policy only")
@@ -447,6 +453,11 @@ class RunConfig(_Checked):
         """Whether candidates and D_t must be computed (TOPD, or OPD with suppression)."""
         return self.algorithm == "topd" or (self.algorithm == "opd"
                                             and self.suppression != "none")
+
+    @property
+    def needs_teacher(self) -> bool:
+        """The distillation algorithms (opd, topd, warmup) load a teacher; sft and RL do not."""
+        return self.algorithm in ("opd", "topd", "warmup")
 
     @property
     def is_rl(self) -> bool:

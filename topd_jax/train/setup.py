@@ -148,9 +148,9 @@ class _Encoder:
     encode: Callable[[str], list[int]]
 
 
-def _load_examples(files, fmt, text: TextIO, max_len: int, what: str):
+def _load_examples(files, fmt, text: TextIO, max_len: int, what: str, response_field: str | None = None):
     try:
-        return load_prompts(list(files), fmt, _Encoder(text.encode), max_len)
+        return load_prompts(list(files), fmt, _Encoder(text.encode), max_len, response_field=response_field)
     except (FileNotFoundError, ValueError) as e:  # both name the file (and line)
         raise RunSetupError(f"data.{what}: {e}") from None
 
@@ -175,7 +175,7 @@ def _synthetic_examples(cfg: RunConfig, text: TextIO):
 def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str | None = None) -> RunPlan:
     """Validate every input of ``cfg``; raises ``RunSetupError`` naming the bad one."""
     student = model_plan(cfg.student, "student", student_path, cfg.seed)
-    if cfg.is_rl:  # no teacher; the KL reference is the initial student (same path or seed)
+    if not cfg.needs_teacher:  # sft, RL: no teacher; RL's KL reference is the initial student
         teacher = model_plan(cfg.student, "reference", student_path, cfg.seed) if cfg.uses_reference else None
     else:
         teacher = model_plan(cfg.teacher, "teacher", teacher_path, cfg.seed + 1)
@@ -192,7 +192,8 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
     else:
         text = _hf_text(cfg, student.path)
         fmt = _format_fn(cfg)
-        train, stats = _load_examples(cfg.data.train_files, fmt, text, cfg.data.max_prompt_len, "train_files")
+        train, stats = _load_examples(cfg.data.train_files, fmt, text, cfg.data.max_prompt_len, "train_files",
+                                      cfg.data.response_field if cfg.algorithm == "sft" else None)
         skipped = stats.skipped_too_long
         evals = []
         if cfg.data.eval_files:
