@@ -245,6 +245,9 @@ def test_rl_config_errors_name_the_key():
         _cfg("tapo", "tapo.n_pos=4", "tapo.n_neg=4")
     with pytest.raises(ConfigError, match="grpo.updates_per_batch"):
         _cfg("grpo", "grpo.updates_per_batch=5")
+    assert _cfg("grpo", "grpo.updates_per_batch=3").grpo.updates_per_batch == 3  # 12 rows
+    with pytest.raises(ConfigError, match=r"16 rows .*tapo.m_max"):  # TAPO: 2 x (6 + 2) rows
+        _cfg("tapo", "grpo.updates_per_batch=3")
     with pytest.raises(ConfigError, match="rollout.n"):
         _cfg("grpo", "rollout.n=1", "tapo.n_pos=1", "tapo.n_neg=1")
 
@@ -267,3 +270,17 @@ def test_train_runs_grpo_and_tapo_end_to_end(algorithm, tmp_path):
     if algorithm == "tapo":
         assert "dcs_pass_fraction" in result.history[0]
     assert int(result.state.opt_steps) == 4  # two updates per batch
+
+
+@pytest.mark.parametrize("name", ["tapo_qwen3_8b", "grpo_qwen3_8b", "tapo_qwen3_8b_cold_start"])
+def test_paper_rl_configs_load_and_divide_their_rows(name):
+    from pathlib import Path
+
+    from topd_jax.train.config_loader import load_config
+    cfg = load_config(str(Path(__file__).parent.parent / "configs" / f"{name}.yaml"), [])
+    assert cfg.student.preset == "qwen3-8b" and not cfg.needs_teacher
+    if cfg.is_rl:
+        assert (cfg.rollout.n, cfg.tapo.n_pos, cfg.tapo.n_neg, cfg.tapo.m_max) == (8, 2, 4, 4)
+        per_prompt = cfg.rollout.n + (cfg.tapo.m_max if cfg.algorithm == "tapo" else 0)
+        rows = cfg.data.prompts_per_step * per_prompt
+        assert rows % (cfg.grpo.updates_per_batch * cfg.optim.micro_batches) == 0

@@ -421,12 +421,15 @@ class RunConfig(_Checked):
                               f"divide rollout.n * data.prompts_per_step = "
                               f"{self.rollout.n * self.data.prompts_per_step}")
         if self.is_rl:
-            rows = self.rollout.n * self.data.prompts_per_step
+            # TAPO adds m_max construction slots per prompt to the batch's rows.
+            per_prompt = self.rollout.n + (self.tapo.m_max if self.algorithm == "tapo" else 0)
+            rows = per_prompt * self.data.prompts_per_step
             if rows % (self.grpo.updates_per_batch * self.optim.micro_batches):
                 raise ConfigError("grpo.updates_per_batch", f"updates_per_batch="
                                   f"{self.grpo.updates_per_batch} x optim.micro_batches="
-                                  f"{self.optim.micro_batches} does not divide rollout.n * "
-                                  f"data.prompts_per_step = {rows}")
+                                  f"{self.optim.micro_batches} does not divide the {rows} rows of a "
+                                  f"step (data.prompts_per_step x (rollout.n"
+                                  f"{' + tapo.m_max' if self.algorithm == 'tapo' else ''}))")
             if self.rollout.n < 2:
                 raise ConfigError("rollout.n", f"{self.algorithm} needs >= 2 rollouts per prompt "
                                   f"(group-normalised advantages), got {self.rollout.n}")
