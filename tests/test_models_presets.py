@@ -11,6 +11,7 @@ from topd_jax.models import PRESETS, ModelConfig, Qwen
 PUBLISHED = {
     "qwen3-0.6b": 0.596e9, "qwen3-1.7b": 1.72e9, "qwen3-4b": 4.02e9, "qwen3-4b-instruct-2507": 4.02e9,
     "qwen3-8b": 8.19e9, "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9,
+    "qwen3-30b-a3b": 30.5e9, "qwen3-30b-a3b-instruct-2507": 30.5e9,  # MoE totals (tests/test_models_moe.py)
     "qwen2.5-0.5b": 0.494e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-3b": 3.09e9, "qwen2.5-7b": 7.62e9,
     "qwen2.5-math-1.5b": 1.54e9, "qwen2.5-math-7b": 7.62e9,
     "deepseek-r1-distill-qwen-1.5b": 1.78e9, "deepseek-r1-distill-qwen-7b": 7.62e9,

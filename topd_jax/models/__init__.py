@@ -1,4 +1,4 @@
-"""Dense Qwen2 / Qwen2.5 / Qwen3 causal LMs in Flax NNX.
+"""Qwen2 / Qwen2.5 / Qwen3 (dense) and Qwen3-MoE causal LMs in Flax NNX.
 
 The contract (shared with rollout and training):
 
@@ -9,7 +9,7 @@ The contract (shared with rollout and training):
     cache = model.init_cache(batch, max_len)     # KVCache(k, v [L,B,S,Hkv,Dh], mask [B,S], index)
 """
 
-from topd_jax.models.build import init_model
+from topd_jax.models.build import init_model, reconfigure
 from topd_jax.models.cache import CACHE_KV_AXES, CACHE_MASK_AXES, KVCache
 from topd_jax.models.config import PRESETS, ModelConfig
 from topd_jax.models.qwen import Qwen, default_positions
@@ -37,4 +37,5 @@ __all__ = [
     "default_positions",
     "init_model",
     "load_pretrained",
+    "reconfigure",
 ]

@@ -24,3 +24,19 @@ def init_model(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | 
         return state if shardings is None else jax.lax.with_sharding_constraint(state, shardings)
 
     return nnx.merge(graphdef, init())
+
+
+# Config fields that change how the forward pass runs, not the parameters.
+RUNTIME_FIELDS = ("moe_impl", "remat")
+
+
+def reconfigure(model: Qwen, **changes) -> Qwen:
+    """`model`'s parameters (shared, not copied) under its config with runtime fields changed,
+    e.g. `reconfigure(load_pretrained(d), moe_impl="dense")`. Only `RUNTIME_FIELDS`. Call it
+    outside `jax.set_mesh` (it traces the model abstractly, as `init_model` does)."""
+    bad = sorted(set(changes) - set(RUNTIME_FIELDS))
+    if bad:
+        raise ValueError(f"reconfigure: {bad} change the parameters; only {RUNTIME_FIELDS} can change")
+    config = model.config.replace(**changes)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))

@@ -1,12 +1,14 @@
-"""Dense Qwen2 / Qwen2.5 / Qwen3 decoder in Flax NNX, written to read like the math.
+"""Qwen2 / Qwen2.5 / Qwen3 (dense and MoE) decoder in Flax NNX, written to read like the math.
 
     h_0     = E[ids]
     a_l     = h_l + Attn(RMSNorm(h_l))              grouped-query attention with RoPE
     h_{l+1} = a_l + W_down (silu(W_gate x) * W_up x),   x = RMSNorm(a_l)
+              (Qwen3-MoE layers: a_l + sum of the top-k routed experts' SwiGLU, models/moe.py)
     logits  = RMSNorm(h_L) @ W_head^T               W_head = E when embeddings are tied
 
 Weights keep Hugging Face's `[out, in]` order, only split per head, so conversion is a
-reshape (checkpoints/mapping.py holds the name table). Every parameter carries logical
+reshape (checkpoints/mapping.py holds the name table); the stacked MoE expert weights are
+the exception, `[experts, in, out]` as `jax.lax.ragged_dot` takes them (a transpose). Every parameter carries logical
 axis names (`out_sharding` metadata) that topd_jax.sharding maps to the mesh.
 
 Letters in einsums: b batch, t query positions, s key slots, d model, n query heads,
@@ -21,6 +23,9 @@ from flax import nnx
 
 from topd_jax.models.cache import KVCache
 from topd_jax.models.config import ModelConfig
+from topd_jax.models.moe import MoEBlock
+from topd_jax.models.params import ACT
+from topd_jax.models.params import param as _param
 from topd_jax.sharding.rules import constrain
 
 # Masked attention scores get the most negative finite float rather than -inf, so a query
@@ -33,18 +38,6 @@ _REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-ACT = ("act_batch", "act_seq", "act_embed")  # logical axes of the residual stream [B, T, D]
-
-
-def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
-           init: str) -> nnx.Param:
-    """A parameter with logical axis names; `init` is "normal" (std 0.02, as HF), "ones" or "zeros"."""
-    if init == "normal":
-        value = 0.02 * jax.random.normal(rngs.params(), shape, cfg.weight_dtype)
-    else:
-        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, cfg.weight_dtype)
-    # eager_sharding=False: the names are logical, resolved by topd_jax.sharding, not mesh axes.
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
@@ -160,11 +153,12 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg)  # input_layernorm.weight
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg)  # post_attention_layernorm.weight
-        self.mlp = MLP(cfg, rngs=rngs)
+        # Qwen3-MoE: routed experts in the layers cfg.is_moe_layer picks, SwiGLU elsewhere
+        self.mlp = MoEBlock(cfg, rngs=rngs) if cfg.is_moe_layer(index) else MLP(cfg, rngs=rngs)
 
     def __call__(self, x, *, cos, sin, allowed, cache, layer):
         """x [B, T, d] -> [B, T, d] (pre-norm residual block)."""
@@ -183,13 +177,13 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 
 
 class Qwen(nnx.Module):
-    """Qwen2/2.5/3 causal LM. See the model contract in topd_jax/models/__init__.py."""
+    """Qwen2/2.5/3 and Qwen3-MoE causal LM. See the model contract in topd_jax/models/__init__.py."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
         v, d = cfg.vocab_size, cfg.hidden_size
         self.embed = _param(rngs, (v, d), ("vocab", "embed"), cfg, "normal")  # model.embed_tokens.weight
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])  # model.layers.{i}
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])  # model.layers.{i}
         self.final_norm = RMSNorm(cfg.hidden_size, cfg)  # model.norm.weight
         if cfg.tie_word_embeddings:
             self.lm_head = None

@@ -30,6 +30,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv_heads", "tensor"),     # key/value heads
     ("head_dim", None),
     ("mlp", "tensor"),          # SwiGLU hidden dimension
+    # MoE experts: expert parallelism on "tensor". The expert index is, like "mlp", a hidden
+    # dimension of the FFN (the block is an MLP of width E*f), so it takes the same axis: each
+    # device keeps whole experts (f=768 in Qwen3-30B-A3B is too narrow to split further), the
+    # weights' embed dim stays FSDP-sharded, tokens are already replicated over "tensor", and
+    # the outputs are psum'd over it as an MLP's are. On "fsdp" it would collide with the
+    # embed dim and with the token sharding. When E does not divide, "mlp" is the fallback.
+    ("expert", "tensor"),
     ("norm", None),             # RMSNorm scales (tiny; replicate)
     # --- activations ----------------------------------------------------------------
     ("act_batch", ("data", "fsdp")),
