@@ -6,6 +6,7 @@ save_hf(model, dir)   the same layout back (what transformers and vLLM load)
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -119,7 +120,8 @@ def place(x: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
 def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
             mesh: jax.sharding.Mesh | None = None, rules: Rules = LOGICAL_AXIS_RULES,
             vocab_size: int | None = None) -> Qwen:
-    """Load a local HF Qwen2/2.5/3 checkpoint into a `Qwen`, one tensor at a time.
+    """Load a local HF Qwen2/2.5/3 or Qwen3-MoE checkpoint into a `Qwen`, one tensor at a time
+    (the experts of one MoE layer's gate/up/down: one stacked array at a time).
 
     dtype: compute dtype; param_dtype: storage dtype (default = dtype). mesh: place each
     tensor directly into the sharding that `rules` assign it. vocab_size: resize the
@@ -138,15 +140,23 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
     shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh, rules))) if mesh is not None else {}
     variables = dict(nnx.to_flat_state(abstract))
     np_dtype = np.dtype(cfg.weight_dtype)
-    for spec in table:
-        var = variables[spec.path]
-        x = located[spec.hf].read(spec.hf)
-        if spec.path in VOCAB_PATHS:
-            x = resize_vocab(x, cfg.vocab_size)
-        x = x.reshape(var.get_value().shape).astype(np_dtype)  # to_native: split heads; cast
-        sharding = shardings[spec.path].get_value() if spec.path in shardings else None
+    for path, group in itertools.groupby(table, key=lambda s: s.path):  # the table keeps a path's rows together
+        specs = list(group)
+        var = variables[path]
+        shape = var.get_value().shape
+        if specs[0].expert is None:
+            (spec,) = specs
+            x = located[spec.hf].read(spec.hf)
+            if path in VOCAB_PATHS:
+                x = resize_vocab(x, cfg.vocab_size)
+            x = spec.to_native(x, shape).astype(np_dtype)  # split heads; cast
+        else:
+            x = np.empty(shape, np_dtype)  # [E, in, out], filled one expert at a time
+            for spec in specs:
+                x[spec.expert] = spec.to_native(located[spec.hf].read(spec.hf), shape)
+        sharding = shardings[path].get_value() if path in shardings else None
         var.set_value(place(x, sharding))
-        del x  # at most one tensor lives on the host at a time
+        del x  # at most one (stacked) tensor lives on the host at a time
     return nnx.merge(graphdef, abstract)
 
 
@@ -206,9 +216,16 @@ def save_hf(model: Qwen, path: str | os.PathLike, *, dtype: str | None = None, m
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     by_name = {s.hf: s for s in table}
 
+    stacked: dict[str, Any] = {}  # the one stacked expert array being written (its rows are consecutive)
+
     def fetch(name: str) -> np.ndarray:
         spec = by_name[name]
-        return _to_host(params[spec.path].get_value()).reshape(spec.hf_shape).astype(np_dtype)  # to_hf: fuse heads
+        if spec.expert is None:
+            return spec.to_hf(_to_host(params[spec.path].get_value())).astype(np_dtype)  # fuse heads
+        if stacked.get("path") != spec.path:
+            stacked.clear()
+            stacked.update(path=spec.path, value=_to_host(params[spec.path].get_value()))
+        return spec.to_hf(stacked["value"]).astype(np_dtype)  # expert slice, transposed to [out, in]
 
     weight_map = {}
     for fname, shard in zip(names, shards):
