@@ -92,3 +92,33 @@ def random_model(cfg, seed: int = 0, scale: float = 0.1):
         return var.replace(np.asarray(base + scale * rng.standard_normal(shape), dtype))
 
     return nnx.merge(graphdef, nnx.map_state(fill, state))
+
+
+# Qwen3-MoE: name -> Qwen3MoeConfig kwargs. Together: a dense layer via mlp_only_layers and
+# via decoder_sparse_step, both norm_topk_prob values, tied and untied heads, top-2 and top-3.
+TINY_MOE = {
+    "qwen3moe-norm-dense1": dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, intermediate_size=64, moe_intermediate_size=24,
+                                 num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                                 tie_word_embeddings=False, rope_theta=1e4, rms_norm_eps=1e-6),
+    "qwen3moe-step2-tied": dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                num_key_value_heads=1, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+                                num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=2,
+                                tie_word_embeddings=True, rope_theta=5e5, rms_norm_eps=1e-5),
+}
+
+
+def build_hf_moe(name: str, seed: int = 0, router_std: float = 0.5):
+    """A random transformers Qwen3MoeForCausalLM; norm scales randomised as in `build_hf`, and
+    router weights drawn with std `router_std` (HF: 0.02) so that the routing is decisive:
+    near-uniform router probabilities would make top-k ties, and thus parity, a coin toss."""
+    cfg = transformers.Qwen3MoeConfig(**TINY_MOE[name])
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif pname.endswith("mlp.gate.weight"):
+                p.copy_(router_std * torch.randn_like(p))
+    return model
