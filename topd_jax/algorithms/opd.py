@@ -15,6 +15,7 @@ import numpy as np
 
 from topd_jax.algorithms.scoring import forward_hidden, score_tokens
 from topd_jax.rollout import GenerationResult, generate
+from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
 
 Pair = tuple[Any, Any]
@@ -69,9 +70,9 @@ def teacher_inputs(cfg: RunConfig, frozen: Frozen, rows: dict, *, need_hidden: b
 
 
 def rollout_metrics(gen: GenerationResult) -> dict[str, Pair]:
-    lengths = np.asarray(gen.lengths, np.float64)
+    lengths = fetch(gen.lengths).astype(np.float64)  # fetch: the rows may span several hosts
     return {"rollout_len": (lengths.sum(), lengths.size),
-            "rollout_finished": (float(np.asarray(gen.finished).sum()), lengths.size)}
+            "rollout_finished": (float(fetch(gen.finished).sum()), lengths.size)}
 
 
 def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,

@@ -38,6 +38,7 @@ from topd_jax.losses import (
 )
 from topd_jax.rollout import GenerationResult, continue_from
 from topd_jax.rollout.engine import left_align
+from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
 
 
@@ -118,7 +119,7 @@ def _ot_jit(embed, t_tokens, t_mask, s_tokens, s_mask, *, epsilon, iters):
 def _continuations(cfg, model, rows, branch_at, key, frozen, per_slot: int, cache=None) -> GenerationResult:
     """``per_slot`` K-token continuations from every slot: rows ``(r * C + c) * per_slot + j``.
     ``cache``: a KV cache already holding ``rows`` (the student's rollout cache): no prefill."""
-    bt = np.repeat(np.asarray(branch_at), per_slot, axis=1)
+    bt = np.repeat(fetch(branch_at), per_slot, axis=1)  # fetch: the rows may span several hosts
     return continue_from(model, rows["ids"], rows["seq_mask"], bt, key=key, num_tokens=cfg.topd.window,
                          temperature=cfg.topd.continuation_temperature, eos_ids=frozen.eos_ids,
                          pad_id=frozen.pad_id, cache=cache)
@@ -216,7 +217,7 @@ def guidance_batch(cfg: RunConfig, rows, slots, idx, g_valid, conts, key, frozen
         g = _take_rows(cont, ((jnp.arange(r)[:, None] * c + idx) * n).reshape(-1))
     else:
         cont = timed(timings, "sampling", continue_from, frozen.teacher, rows["ids"], rows["seq_mask"],
-                     np.asarray(start), key=key, num_tokens=t.window, temperature=t.continuation_temperature,
+                     fetch(start), key=key, num_tokens=t.window, temperature=t.continuation_temperature,
                      eos_ids=frozen.eos_ids, pad_id=frozen.pad_id)
         g = _take_rows(cont, jnp.arange(r * m))
     g["g_window"] = g["g_window"] & g_valid.reshape(-1, 1)

@@ -39,6 +39,7 @@ from topd_jax.rollout.engine import (
 )
 from topd_jax.rollout.sampling import SamplingConfig
 from topd_jax.sharding import constrain
+from topd_jax.sharding.hosts import fetch
 
 
 def _resize_slots(cache: KVCache, slots: int) -> KVCache:
@@ -147,11 +148,12 @@ def continue_from(model, sequences, sequence_mask, branch_at, *, key, num_tokens
     by the continuation (teacher-force it with the usual shift by one).
     """
     sequences = jnp.asarray(sequences)
-    host_mask = np.asarray(sequence_mask).astype(bool)  # for the checks; the arrays stay where they are
+    # For the checks (fetch: the rows may span several hosts); the arrays stay where they are.
+    host_mask = fetch(sequence_mask).astype(bool)
     if sequences.ndim != 2 or sequences.shape != host_mask.shape:
         raise ValueError(f"sequences {sequences.shape} and sequence_mask {sequence_mask.shape}: "
                          f"expected the same [batch, length] shape")
-    branch_at = np.asarray(branch_at, np.int32)
+    branch_at = fetch(branch_at).astype(np.int32)
     if branch_at.ndim == 1:
         branch_at = branch_at[:, None]
     if branch_at.ndim != 2 or branch_at.shape[0] != sequences.shape[0]:

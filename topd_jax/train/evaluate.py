@@ -15,6 +15,7 @@ import numpy as np
 
 from topd_jax.data.prompts import PromptExample, collate
 from topd_jax.rollout import generate
+from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
 from topd_jax.train.setup import TextIO
 
@@ -35,7 +36,7 @@ def evaluate(cfg: RunConfig, model, examples: Sequence[PromptExample], text: Tex
         res = generate(model, b["prompt_ids"], b["prompt_mask"], key=jax.random.fold_in(key, start),
                        max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                        eos_ids=text.eos_ids, num_samples=e.samples_per_prompt, pad_id=text.pad_id)
-        tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
+        tokens, lengths = fetch(res.tokens), fetch(res.lengths)  # every process grades every row
         for i in range(real * e.samples_per_prompt):
             completion = text.decode(tokens[i, : lengths[i]].tolist())
             correct += bool(text.verify(completion, chunk[i // e.samples_per_prompt].answer))

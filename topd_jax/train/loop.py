@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from topd_jax.algorithms import Frozen, build_objective, prepare_batch
 from topd_jax.checkpoints.train_state import PreemptionFlag, TrainCheckpointer, abstract_state
 from topd_jax.data.prompts import PromptLoader
+from topd_jax.sharding.hosts import fetch, is_main_process, place_rows
 from topd_jax.train.config import RunConfig
 from topd_jax.train.config_loader import to_dict
 from topd_jax.train.evaluate import evaluate
@@ -83,14 +84,13 @@ def rollout_len(cfg: RunConfig) -> int:
 
 
 def _loader(cfg: RunConfig, plan: RunPlan) -> PromptLoader:
-    hosts = jax.process_count()
-    if cfg.data.prompts_per_step % hosts:
-        raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} is not a multiple of the "
-                         f"{hosts} hosts")
-    return PromptLoader(plan.train_examples, batch_size=cfg.data.prompts_per_step // hosts,
+    """The global prompt stream, the same on every process: which prompts make up a step does
+    not depend on the process count (a 2-host run equals the 1-host run, and a checkpoint's
+    iterator state resumes on any host count). Each process then places only the rows its
+    devices hold (``hosts.place_rows``); the prompts are tokenized on every host anyway."""
+    return PromptLoader(plan.train_examples, batch_size=cfg.data.prompts_per_step,
                         prompt_len=cfg.data.max_prompt_len, pad_id=plan.text.pad_id, seed=cfg.seed,
-                        shuffle=cfg.data.shuffle, epochs=cfg.data.epochs, shard_index=jax.process_index(),
-                        shard_count=hosts)
+                        shuffle=cfg.data.shuffle, epochs=cfg.data.epochs)
 
 
 def _row(step: int, out: dict, prep: dict, timings: dict, completion_tokens: float) -> dict[str, float]:
@@ -118,11 +118,11 @@ def train(cfg: RunConfig, *, student_path: str | None = None, teacher_path: str 
     plan = plan or plan_run(cfg, student_path, teacher_path)  # validates; writes nothing
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
+    if is_main_process():  # only process 0 prints and writes files (every process saves checkpoints)
         print(f"{cfg.algorithm}: {len(plan.train_examples)} training prompts ({plan.skipped_prompts} skipped: "
               f"longer than data.max_prompt_len={cfg.data.max_prompt_len}), {len(plan.eval_examples)} held-out; "
               f"mesh {dict(plan.mesh.shape)}; output {out_dir}", flush=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     # Models are built outside ``set_mesh``: their init places each parameter by the rules
     # itself (NNX would otherwise read the logical names as mesh axes).
     student = load_model(plan.student, plan.mesh)
@@ -162,7 +162,8 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             if restored.config != to_dict(cfg):
                 log.warning("resuming from %s step %d with a config that differs from the saved one",
                             cfg.checkpoint_dir, restored.step)
-            print(f"resumed from {cfg.checkpoint_dir} at step {restored.step}", flush=True)
+            if is_main_process():
+                print(f"resumed from {cfg.checkpoint_dir} at step {restored.step}", flush=True)
     start = int(state.step)
     rows_per_eval_batch = cfg.data.prompts_per_step
     eval_key = jax.random.fold_in(state.key(), 2**31 - 1)
@@ -190,14 +191,18 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     try:
         if cfg.eval.at_start and start == 0 and 0 not in evals:
             run_eval(0)
-        bar = tqdm(total=cfg.steps, initial=start, disable=not lg.progress_bar, desc=cfg.algorithm)
+        bar = tqdm(total=cfg.steps, initial=start, disable=not (lg.progress_bar and is_main_process()),
+                   desc=cfg.algorithm)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             try:
                 prompts = next(loader)
             except StopIteration:
-                print(f"data exhausted after data.epochs={cfg.data.epochs} at step {step}", flush=True)
+                if is_main_process():
+                    print(f"data exhausted after data.epochs={cfg.data.epochs} at step {step}", flush=True)
                 break
+            if jax.process_count() > 1:  # global arrays; one process keeps NumPy (jit places it)
+                prompts = place_rows(prompts, mesh)
             timings: dict[str, float] = {}
             model = nnx.merge(graphdef, state.params)
             batch, prep, gen = prepare_batch(cfg, model, prompts, jax.random.fold_in(state.key(), step), frozen,
@@ -208,7 +213,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             out = jax.device_get(out)
             timings["update"] = time.perf_counter() - t1
             timings["step"] = time.perf_counter() - t0
-            row = _row(step + 1, out, prep, timings, float(np.asarray(gen.lengths).sum()))
+            row = _row(step + 1, out, prep, timings, float(fetch(gen.lengths).sum()))
             history.append(row)
             acc.add({k: v for k, v in row.items() if k != "step"})
             skipped = row["skipped"] > 0
@@ -229,8 +234,9 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             if flag.requested:
                 save(step + 1, force=True)
                 ckpt.wait()
-                print(f"preempted (signal {flag.received}): saved step {step + 1} to {cfg.checkpoint_dir}",
-                      flush=True)
+                if is_main_process():
+                    print(f"preempted (signal {flag.received}): saved step {step + 1} to {cfg.checkpoint_dir}",
+                          flush=True)
                 preempted = True
                 break
         bar.close()
@@ -255,7 +261,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
 def export_hf(model, directory: Path, plan: RunPlan) -> Path:
     """The final student as an HF directory (config.json + safetensors, + tokenizer files)."""
     from topd_jax.checkpoints import save_hf
-    save_hf(model, directory)
-    if plan.text.hf_tokenizer is not None:
+    save_hf(model, directory)  # every process joins its gathers; process 0 writes
+    if plan.text.hf_tokenizer is not None and is_main_process():
         plan.text.hf_tokenizer.save_pretrained(str(directory))
     return directory
