@@ -22,12 +22,13 @@ from topd_jax.algorithms.opd import Frozen, Pair, timed
 from topd_jax.algorithms.scoring import score_tokens
 from topd_jax.losses import group_advantages
 from topd_jax.rollout import GenerationResult
+from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
 
 
 def completions(gen: GenerationResult) -> list[list[int]]:
     """Completion token ids per row, the stop token included when the row finished."""
-    tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+    tokens, lengths = fetch(gen.tokens), fetch(gen.lengths)
     return [tokens[i, : lengths[i]].tolist() for i in range(tokens.shape[0])]
 
 
