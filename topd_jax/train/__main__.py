@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if result.preempted:
         return 0
+    from topd_jax.sharding.hosts import is_main_process
+    if not is_main_process():  # reports, plots and the summary come from process 0 alone
+        return 0
     if cfg.data.source == "synthetic":
         from topd_jax.train import demo
         demo.demo_report(cfg, result, student_dir=student_path, teacher_dir=teacher_path)
