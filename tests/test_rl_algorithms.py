@@ -10,6 +10,7 @@ old-policy pass, OTS, the loss and the update — runs for real.
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -259,7 +260,8 @@ def test_train_runs_grpo_and_tapo_end_to_end(algorithm, tmp_path):
     random), so its padded G_ref slots are exercised empty."""
     from topd_jax.train.loop import train
     cfg = _cfg(algorithm, "steps=2", f"output_dir={tmp_path}", "logging.progress_bar=false",
-               "logging.tensorboard=false", "checkpoint.export_hf=false", "grpo.updates_per_batch=2")
+               "logging.tensorboard=false", "checkpoint.export_hf=false", "grpo.updates_per_batch=2",
+               "eval.at_end=true", "eval.num_prompts=4", "eval.max_new_tokens=12")
     plan = plan_run(cfg)
     plan.text.verify = lambda text, gold: len(text.split()) % 2 == 0
     result = train(cfg, plan=plan)
@@ -270,6 +272,10 @@ def test_train_runs_grpo_and_tapo_end_to_end(algorithm, tmp_path):
     if algorithm == "tapo":
         assert "dcs_pass_fraction" in result.history[0]
     assert int(result.state.opt_steps) == 4  # two updates per batch
+    reflection = result.extras["eval_reflection"][2]  # the final eval, with TAPO's rates
+    assert reflection.total == 4 and 0.0 <= result.evals[2] <= 1.0
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_reflection_rate" in m for m in metrics)
 
 
 @pytest.mark.parametrize("name", ["tapo_qwen3_8b", "grpo_qwen3_8b", "tapo_qwen3_8b_cold_start"])

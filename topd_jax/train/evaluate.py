@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from topd_jax.data.prompts import PromptExample, collate
+from topd_jax.rewards.reflection import MATH_MARKERS, SYNTHETIC_MARKERS, ReflectionStats, reflection_stats
 from topd_jax.rollout import generate
 from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
@@ -23,11 +24,25 @@ from topd_jax.train.setup import TextIO
 def evaluate(cfg: RunConfig, model, examples: Sequence[PromptExample], text: TextIO, *, key: jax.Array,
              batch_size: int) -> float:
     """Mean verified accuracy over ``eval.num_prompts`` prompts x ``eval.samples_per_prompt``."""
+    return evaluate_detailed(cfg, model, examples, text, key=key, batch_size=batch_size)[0]
+
+
+def reflection_markers(cfg: RunConfig) -> tuple[str, ...]:
+    """``wait`` on the synthetic task (its correction word), the math markers otherwise."""
+    return SYNTHETIC_MARKERS if cfg.data.source == "synthetic" else MATH_MARKERS
+
+
+def evaluate_detailed(cfg: RunConfig, model, examples: Sequence[PromptExample], text: TextIO, *,
+                      key: jax.Array, batch_size: int) -> tuple[float, ReflectionStats]:
+    """``(accuracy, reflection counts)``: the direct-solution and effective-reflection rates of
+    the same completions (``topd_jax.rewards.reflection`` has the definitions)."""
     e = cfg.eval
     examples = list(examples)[: e.num_prompts] if e.num_prompts else list(examples)
+    stats = ReflectionStats(0, 0, 0, 0)
     if not examples:
-        return float("nan")
+        return float("nan"), stats
     correct, total = 0, 0
+    markers = reflection_markers(cfg)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         real = len(chunk)
@@ -39,6 +54,8 @@ def evaluate(cfg: RunConfig, model, examples: Sequence[PromptExample], text: Tex
         tokens, lengths = fetch(res.tokens), fetch(res.lengths)  # every process grades every row
         for i in range(real * e.samples_per_prompt):
             completion = text.decode(tokens[i, : lengths[i]].tolist())
-            correct += bool(text.verify(completion, chunk[i // e.samples_per_prompt].answer))
+            right = bool(text.verify(completion, chunk[i // e.samples_per_prompt].answer))
+            correct += right
             total += 1
-    return correct / total
+            stats = stats + reflection_stats([completion], [right], markers)
+    return correct / total, stats

@@ -41,7 +41,7 @@ from topd_jax.data.prompts import PromptLoader
 from topd_jax.sharding.hosts import fetch, is_main_process, place_rows
 from topd_jax.train.config import RunConfig
 from topd_jax.train.config_loader import to_dict
-from topd_jax.train.evaluate import evaluate
+from topd_jax.train.evaluate import evaluate_detailed
 from topd_jax.train.metrics import MetricsSink, PairAccumulator, reduce_pairs
 from topd_jax.train.optim import lr_schedule, make_optimizer
 from topd_jax.train.setup import RunPlan, load_model, plan_run
@@ -70,7 +70,7 @@ class TrainResult:
     skipped_steps: int = 0
     skipped_prompts: int = 0
     hf_dir: Path | None = None
-    extras: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # eval_reflection: {step: ReflectionStats} (RL runs)
 
     @property
     def params(self):
@@ -167,14 +167,20 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     start = int(state.step)
     rows_per_eval_batch = cfg.data.prompts_per_step
     eval_key = jax.random.fold_in(state.key(), 2**31 - 1)
+    eval_reflection: dict[int, Any] = {}  # step -> rewards.reflection.ReflectionStats (this run's evals)
 
     def run_eval(step: int) -> None:
         if not plan.eval_examples:
             return
         model = nnx.merge(graphdef, state.params)
-        evals[step] = evaluate(cfg, model, plan.eval_examples, plan.text, key=jax.random.fold_in(eval_key, step),
-                               batch_size=rows_per_eval_batch)
-        sink.write(step, {"eval_accuracy": evals[step]})
+        evals[step], reflection = evaluate_detailed(cfg, model, plan.eval_examples, plan.text,
+                                                    key=jax.random.fold_in(eval_key, step),
+                                                    batch_size=rows_per_eval_batch)
+        row = {"eval_accuracy": evals[step]}
+        if cfg.is_rl:  # TAPO's direct-solution / effective-reflection rates (rewards.reflection)
+            eval_reflection[step] = reflection
+            row.update({f"eval_{k}": v for k, v in reflection.as_pairs().items()})
+        sink.write(step, row)
 
     def save(step: int, force: bool = False) -> None:
         ckpt.save(step, state, data=loader.get_state(), config=to_dict(cfg), force=force,
@@ -255,7 +261,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     if cfg.checkpoint.export_hf and not preempted:
         hf_dir = export_hf(model, out_dir / "student_hf", plan)
     return TrainResult(out_dir, history, evals, state, model, final, preempted, skipped_total,
-                       plan.skipped_prompts, hf_dir)
+                       plan.skipped_prompts, hf_dir, extras={"eval_reflection": eval_reflection})
 
 
 def export_hf(model, directory: Path, plan: RunPlan) -> Path:
