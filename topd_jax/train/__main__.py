@@ -6,7 +6,8 @@ plan (``topd_jax.train.plan``) and exit. Multi-host runs start ``jax.distributed
 
 With no arguments: the embedded demo (``configs/demo.yaml``): the tiny teacher and student
 of the synthetic task are prepared (trained once, then cached), TOPD runs (the demo default; `algorithm=opd` for plain OPD), and the demo
-report is written. With ``data.source=files``: a real run on local model directories.
+report is written. ``--config configs/tapo_demo.yaml``: TAPO (or ``algorithm=grpo``) on the
+same task from a cached cold-start student (``topd_jax.train.rl_demo``). With ``data.source=files``: a real run on local model directories.
 Exit status: 0 on success or after a SIGTERM-triggered save, 2 for a bad config or input
 (nothing written), 1 when training halts (non-finite losses).
 """
@@ -54,8 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         student_path = teacher_path = None
         if cfg.data.source == "synthetic":
             plan_run(cfg)  # validate everything before the (minutes-long) demo model preparation
-            from topd_jax.train.demo import prepare_demo_models
-            student_path, teacher_path = prepare_demo_models(cfg)
+            if cfg.is_rl:  # GRPO/TAPO demo: the cold-start student, no teacher
+                from topd_jax.train.rl_demo import prepare_cold_start
+                student_path = prepare_cold_start(cfg)
+            else:
+                from topd_jax.train.demo import prepare_demo_models
+                student_path, teacher_path = prepare_demo_models(cfg)
         plan = plan_run(cfg, student_path, teacher_path)
     except (RunSetupError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -70,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from topd_jax.sharding.hosts import is_main_process
     if not is_main_process():  # reports, plots and the summary come from process 0 alone
         return 0
-    if cfg.data.source == "synthetic":
+    if cfg.data.source == "synthetic" and cfg.is_rl:
+        from topd_jax.train.rl_demo import rl_report
+        rl_report(cfg, result, student_dir=student_path)
+    elif cfg.data.source == "synthetic":
         from topd_jax.train import demo
         demo.demo_report(cfg, result, student_dir=student_path, teacher_dir=teacher_path)
     _summary(result)

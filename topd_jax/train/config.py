@@ -379,6 +379,16 @@ class DemoConfig(_Checked):
     student_noise: float = opt(0.3, "probability that a warm-up solution has a slip", _unit)
 
 
+@dataclass(frozen=True)
+class ColdStartConfig(_Checked):
+    """TAPO's cold start on the synthetic task (topd_jax.train.rl_demo, algorithm grpo|tapo):
+    supervised CE of the student on solutions (a slip with probability demo.student_noise)
+    mixed with construction-task examples; demo.batch_size, demo.lr and demo.cache_dir apply."""
+    steps: int = opt(1500, "supervised steps of the cold start", _nonneg)
+    construction_fraction: float = opt(1 / 3, "share of construction-task examples in each "
+                                       "batch (paper: 15k of 45k)", _unit)
+
+
 Algorithm = Literal["opd", "topd", "warmup", "grpo", "tapo", "sft"]
 RL_ALGORITHMS = ("grpo", "tapo")
 
@@ -410,6 +420,7 @@ class RunConfig(_Checked):
     logging: LoggingConfig = section(LoggingConfig, "metrics sinks")
     eval: EvalConfig = section(EvalConfig, "evaluation hook")
     demo: DemoConfig = section(DemoConfig, "embedded demo stages")
+    cold_start: ColdStartConfig = section(ColdStartConfig, "GRPO/TAPO demo: cold-start SFT")
 
     def _validate(self):
         for name in ("student", "teacher") if self.needs_teacher else ("student",):
