@@ -8,18 +8,18 @@ from topd_jax.sharding import MeshConfig, make_mesh
 from topd_jax.train.__main__ import main
 from topd_jax.train.config import OptimConfig
 from topd_jax.train.optim import make_optimizer
-from topd_jax.train.plan import (PlanArgs, PlanArgsError, abstract_params, kv_cache_bytes, opt_state_bytes,
-                                 param_bytes, split_plan_args)
+from topd_jax.train.plan import (PlanArgs, PlanArgsError, abstract_params, attention_bytes, kv_cache_bytes,
+                                 opt_state_bytes, param_bytes, split_plan_args)
 from topd_jax.train.state import create_train_state
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                    intermediate_size=48, rope_theta=1e4)
 REAL_YAML = """\
 algorithm: topd
-student: {preset: qwen3-4b, dtype: bfloat16, param_dtype: bfloat16}
+student: {preset: qwen3-4b, dtype: bfloat16, param_dtype: bfloat16, remat: full}
 teacher: {preset: qwen3-8b, dtype: bfloat16, param_dtype: bfloat16}
 mesh: {data: 1, fsdp: -1, tensor: 1}
-data: {source: files, train_files: [/nonexistent/train.jsonl], prompts_per_step: 64}
+data: {source: files, train_files: [/nonexistent/train.jsonl], prompts_per_step: 16}
 """
 
 
@@ -80,3 +80,59 @@ def test_real_size_plan_uses_eval_shape_only(tmp_path, capsys):
     assert 2 * n / 64 <= student < 2 * n / 64 + 2_000_000
     assert main(["--config", str(path), "--plan", "--device-memory-gib", "16"]) == 3  # 8 local devices
     assert "does NOT fit in 16 GiB" in capsys.readouterr().out
+
+
+def test_attention_estimate_is_one_layer_of_float32_scores_and_probabilities():
+    cfg = ModelConfig.preset("qwen3-8b", dtype="bfloat16")  # 32 heads in 8 kv groups
+    per_row = 32 * 8800 * 8800 * (4 + 2)
+    assert attention_bytes(cfg, 4, 8800, 8800, {"data": 1, "fsdp": 4, "tensor": 2}) == per_row // 2
+    assert attention_bytes(cfg, 3, 8800, 8800, {"data": 1, "fsdp": 4, "tensor": 1}) == 3 * per_row  # 3 % 4
+
+
+def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
+    """KV caches, the update batch and the compiled step's temporaries, as placed or compiled
+    by the trainer's own functions on a data=2/fsdp=2/tensor=2 mesh, equal the plan's rows."""
+    import numpy as np
+    from flax import nnx
+
+    from tests._train_tiny import tiny_config
+    from topd_jax.algorithms import Frozen, build_objective, prepare_batch
+    from topd_jax.rollout import continue_from, generate
+    from topd_jax.train.loop import _loader, rollout_len
+    from topd_jax.train.optim import lr_schedule
+    from topd_jax.train.plan import memory_plan
+    from topd_jax.train.setup import load_model, plan_run
+    from topd_jax.train.step import TrainStep, batch_shardings
+
+    # kl_window: the guidance's own teacher continuations (m = 1 per rollout), fewer compiles
+    cfg = tiny_config(tmp_path, "algorithm=topd", "topd.detector=kl_window", "mesh.data=2", "mesh.fsdp=2",
+                      "mesh.tensor=2", "data.prompts_per_step=4", steps=1)
+    plan = plan_run(cfg)
+    planned = memory_plan(cfg, plan.student.config, plan.teacher.config, 8, compile_step=True).rows
+    r, length, k = 8, rollout_len(cfg), cfg.topd.window
+    mesh = plan.mesh
+    student, teacher = load_model(plan.student, mesh), load_model(plan.teacher, mesh)
+    with jax.set_mesh(mesh):
+        tx = make_optimizer(cfg.optim, cfg.steps)
+        graphdef, state, shardings = create_train_state(student, tx, mesh, seed=0)
+        model = nnx.merge(graphdef, state.params)
+        prompts = next(_loader(cfg, plan))
+        gen = generate(model, prompts["prompt_ids"], prompts["prompt_mask"], key=jax.random.key(0),
+                       max_new_tokens=cfg.rollout.max_new_tokens, num_samples=cfg.rollout.n, return_cache=True)
+        assert planned[f"student KV cache, rollouts [{r}x{length - 1}]"] == _on_device0((gen.cache.k, gen.cache.v))
+        branch_at = np.full((r, 1), length - 1)  # one guided point per rollout row
+        cont = continue_from(teacher, gen.sequences, gen.sequence_mask, branch_at, key=jax.random.key(1),
+                             num_tokens=k, return_cache=True)
+        assert planned[f"teacher KV cache, continuations [{r}x{length + k}]"] == \
+            _on_device0((cont.cache.k, cont.cache.v))
+        frozen = Frozen(teacher, teacher.lm_head_weight(), plan.text.eos_ids, plan.text.pad_id)
+        batch, _, _ = prepare_batch(cfg, model, prompts, jax.random.key(2), frozen, {})
+        sh = batch_shardings(batch, mesh)
+        batch = {name: jax.device_put(x, sh[name]) for name, x in batch.items()}  # as TrainStep places it
+        assert planned["update batch arrays"] == _on_device0(batch)
+        loss_fn, normalize = build_objective(cfg, graphdef, length)
+        step = TrainStep(loss_fn, tx, lr_schedule(cfg.optim, cfg.steps), shardings, mesh,
+                         micro_batches=cfg.optim.micro_batches, normalize=normalize)
+        fn, _, _ = step._fn(batch, frozen.teacher_head)
+        measured = fn.lower(state, batch, frozen.teacher_head).compile().memory_analysis()
+    assert planned["compiled step temporaries"] == measured.temp_size_in_bytes
