@@ -86,6 +86,7 @@ def test_train_on_two_processes_of_four_cpu_devices_equals_one_process_of_eight(
     for pid in range(2):
         multi = json.loads((tmp_path / f"{pid}.json").read_text())
         assert (multi["devices"], multi["processes"]) == (8, 2)
+        assert multi["any_process"] == [True, False]  # a flag raised on process 1 reaches both
         assert len(multi["history"]) == STEPS and multi["history"][0].keys() == single["history"][0].keys()
         for row_m, row_s in zip(multi["history"], single["history"]):
             for key in row_s:
@@ -127,4 +128,7 @@ if __name__ == "__main__":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from topd_jax.sharding.distributed import DistributedArgs, initialize_distributed
     initialize_distributed(DistributedArgs("explicit", f"127.0.0.1:{port}", 2, pid))
-    Path(out_path).write_text(json.dumps(run(run_dir)[0]))
+    summary = run(run_dir)[0]
+    from topd_jax.sharding.hosts import any_process  # e.g. SIGTERM seen by one host only
+    summary["any_process"] = [any_process(pid == 1), any_process(False)]
+    Path(out_path).write_text(json.dumps(summary))

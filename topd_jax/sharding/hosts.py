@@ -3,6 +3,7 @@
     fetch(x)                    # np.ndarray of the WHOLE array, on every process
     place_rows(batch, mesh)     # NumPy batch (same on every process) -> global jax.Arrays
     is_main_process()           # process 0 prints and writes files
+    any_process(flag)           # True on some process -> True on all (e.g. preemption)
 
 With ``jax.process_count() > 1`` an array sharded over the mesh spans devices of other
 processes; ``np.asarray`` on it raises. ``fetch`` gathers it instead. It is a collective when
@@ -38,6 +39,15 @@ def fetch(x: Any) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def any_process(value: bool) -> bool:
+    """Whether ``value`` is True on any process (a collective with > 1 process: call it on
+    every process). E.g. a SIGTERM that reached only some hosts: all must save together."""
+    if jax.process_count() == 1:
+        return bool(value)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(value, bool))))
 
 
 def row_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

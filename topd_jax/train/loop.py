@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from topd_jax.algorithms import Frozen, build_objective, prepare_batch
 from topd_jax.checkpoints.train_state import PreemptionFlag, TrainCheckpointer, abstract_state
 from topd_jax.data.prompts import PromptLoader
-from topd_jax.sharding.hosts import fetch, is_main_process, place_rows
+from topd_jax.sharding.hosts import any_process, fetch, is_main_process, place_rows
 from topd_jax.train.config import RunConfig
 from topd_jax.train.config_loader import to_dict
 from topd_jax.train.evaluate import evaluate_detailed
@@ -237,7 +237,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
                 run_eval(step + 1)
             save(step + 1)
-            if flag.requested:
+            if any_process(flag.requested):  # every process saves, or none
                 save(step + 1, force=True)
                 ckpt.wait()
                 if is_main_process():
