@@ -21,10 +21,11 @@ fields that change the model (``cache_key``), written to a temporary sibling and
 with ``demo_meta.json``: greedy accuracy on the held-out problems and the construction
 parse / keep / correct rates on held-out problems (greedy).
 
-**Reflection statistics** (our definitions, for TAPO.md's "direct solution" and "effective
-reflection" rates): a completion is *reflective* when it contains the correction word
-``wait``; ``direct_solution_rate`` = accuracy among the non-reflective completions,
-``effective_reflection_rate`` = accuracy among the reflective ones (None when there are none).
+**Reflection statistics** (definitions in ``topd_jax.rewards.reflection``): a completion is
+*reflective* when it contains the correction word ``wait``; ``direct_solution_rate`` =
+accuracy among the non-reflective completions, ``effective_reflection_rate`` = accuracy among
+the reflective ones (None when there are none). The final ones are measured here with the
+128-word tokenizer for both algorithms (the trainer's GRPO text I/O lacks the word ``wait``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import numpy as np
 from topd_jax.algorithms.tapo_construct import Failure, parse_construction, splice_text
 from topd_jax.data import synthetic
 from topd_jax.models import Qwen, init_model
+from topd_jax.rewards import reflection
 from topd_jax.rollout import generate
 from topd_jax.train import demo
 from topd_jax.train.config import RunConfig
@@ -155,18 +157,16 @@ def complete(model: Qwen, prompts: Sequence[str], *, prompt_len: int, max_new_to
 
 
 def reflection_stats(completions: Sequence[str], correct: Sequence[bool]) -> dict[str, float | None]:
-    """Accuracy, reflective fraction, direct-solution and effective-reflection rates (module
-    docstring); a rate over an empty set is None."""
-    reflective = [CORRECTION_WORD in c.split() for c in completions]
-    ok = [bool(c) for c in correct]
+    """Accuracy and ``topd_jax.rewards.reflection``'s rates (marker ``wait``) as a JSON-ready
+    dict; a rate over an empty set is None."""
+    r = reflection.reflection_stats(completions, correct, reflection.SYNTHETIC_MARKERS)
 
-    def rate(sel):
-        hits = [o for o, s in zip(ok, reflective) if s == sel]
-        return sum(hits) / len(hits) if hits else None
+    def val(x: float) -> float | None:
+        return None if math.isnan(x) else x
 
-    n = len(ok)
-    return {"accuracy": sum(ok) / n if n else None, "reflective_fraction": sum(reflective) / n if n else None,
-            "direct_solution_rate": rate(False), "effective_reflection_rate": rate(True), "num": n}
+    return {"accuracy": r.correct / r.total if r.total else None, "reflective_fraction": val(r.reflection_rate),
+            "direct_solution_rate": val(r.direct_solution_rate),
+            "effective_reflection_rate": val(r.effective_reflection_rate), "num": r.total}
 
 
 def solve_stats(model: Qwen, problems: Sequence[synthetic.Problem], *, max_new_tokens: int, prompt_len: int,
