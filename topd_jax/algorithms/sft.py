@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topd_jax.algorithms.opd import Frozen, Pair, timed
+from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
 
 
@@ -30,7 +31,7 @@ def rows(cfg: RunConfig, frozen: Frozen, prompts: dict) -> tuple[dict[str, np.nd
     """``(rows, target lengths [B], number truncated)`` for a batch of supervised examples."""
     text, budget = frozen.text, cfg.rollout.max_new_tokens
     encode = text.encode_completion or text.encode
-    prompt_ids, prompt_mask = np.asarray(prompts["prompt_ids"]), np.asarray(prompts["prompt_mask"])
+    prompt_ids, prompt_mask = fetch(prompts["prompt_ids"]), fetch(prompts["prompt_mask"])  # may span hosts
     b, plen = prompt_ids.shape
     ids = np.concatenate([prompt_ids, np.full((b, budget), frozen.pad_id, np.int32)], axis=1)
     seq_mask = np.concatenate([prompt_mask, np.zeros((b, budget), bool)], axis=1)

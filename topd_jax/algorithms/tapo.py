@@ -45,6 +45,7 @@ from topd_jax.algorithms.tapo_construct import synthesis_prompt as math_synthesi
 from topd_jax.data import synthetic
 from topd_jax.losses import ots_weights
 from topd_jax.rollout import GenerationResult, generate
+from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
 
 
@@ -160,7 +161,7 @@ def construction_rows(cfg: RunConfig, frozen: Frozen, prompts: dict, kept: list[
     """``[P * m_max, L]`` rows prompt-major (slot ``p * m_max + k``); empty slots are padding."""
     p_count, m = len(prompts["answers"]), cfg.tapo.m_max
     plen = cfg.data.max_prompt_len
-    prompt_ids, prompt_mask = np.asarray(prompts["prompt_ids"]), np.asarray(prompts["prompt_mask"])
+    prompt_ids, prompt_mask = fetch(prompts["prompt_ids"]), fetch(prompts["prompt_mask"])  # may span hosts
     rows = p_count * m
     ids = np.full((rows, seq_len), frozen.pad_id, np.int32)
     seq_mask, loss_mask = np.zeros((rows, seq_len), bool), np.zeros((rows, seq_len), bool)
@@ -231,7 +232,7 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     metrics.update(grpo.reward_metrics(right))
     attempted, parsed = len(sel), counts["parsed"]
     n_kept, n_right = len(kept), sum(c.right for c in kept)
-    cm = np.asarray(constructed, np.float32)
+    cm = fetch(constructed).astype(np.float32)
     metrics.update({
         "dcs_pass_fraction": (float(sel.gate_passed.sum()), num_prompts),
         "constructions_attempted": (float(attempted), 1), "constructions_parsed": (float(parsed), 1),
@@ -244,7 +245,7 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
         metrics.update({"construction_correct_rate": (float(n_right), n_kept),
                         "prefix_match_len": (float(sum(c.prefix_len for c in kept)), n_kept),
                         "ref_zero_variance_groups": (zero_var, 1),
-                        "ots_weight": (float((np.asarray(batch["weights"]) * cm).sum()), float(cm.sum()))})
+                        "ots_weight": (float((fetch(batch["weights"]) * cm).sum()), float(cm.sum()))})
     for reason, k in (counts + drops).items():
         if reason != "parsed":
             metrics[f"construction_drop_{reason}"] = (float(k), 1)
