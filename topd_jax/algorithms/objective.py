@@ -90,7 +90,8 @@ def add_normalizers(spec: LossSpec, batch: dict) -> dict:
                 traj_norm=jnp.full((batch["g_ids"].shape[0],), traj))
 
 
-def _pair(x, mask):
+def metric_pair(x, mask):
+    """``(Σ x·mask, Σ mask)`` without gradient: a metric in the ``(sum, count)`` contract."""
     m = mask.astype(jnp.float32)
     return jnp.sum(lax.stop_gradient(x) * m), jnp.sum(m)
 
@@ -106,7 +107,7 @@ def make_loss_fn(spec: LossSpec, graphdef: nnx.GraphDef):
         metrics = {}
         if spec.kind == "ce":  # supervised: token-mean cross-entropy of the targets
             nll = -token_logprobs(hidden, head, ids, mask, temperature=1.0, chunk=spec.chunk)
-            metrics["ce"] = _pair(nll, mask)
+            metrics["ce"] = metric_pair(nll, mask)
             return {"opd": opd_loss(nll, mask, mb["weights"])}, metrics
         if spec.estimator == "sampled_token":
             # Tinker-style policy gradient: advantage -(log p_s - log p_T), held constant,
@@ -121,8 +122,8 @@ def make_loss_fn(spec: LossSpec, graphdef: nnx.GraphDef):
             if spec.ce_weight > 0:
                 logp = token_logprobs(hidden, head, ids, mask, temperature=1.0, chunk=spec.chunk)
                 per_token = spec.ce_weight * -logp + (1.0 - spec.ce_weight) * kl
-                metrics["ce"] = _pair(-logp, mask)
-        metrics["token_kl"] = _pair(kl, mask)
+                metrics["ce"] = metric_pair(-logp, mask)
+        metrics["token_kl"] = metric_pair(kl, mask)
         opd = opd_loss(per_token, mask, mb["weights"])
         if not spec.guidance:
             return {"opd": opd}, metrics

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
+from topd_jax.algorithms.objective import metric_pair
 from topd_jax.algorithms.scoring import hidden_states, token_logprobs
 from topd_jax.losses import clipped_surrogate, kl_to_reference
 from topd_jax.train.config import RunConfig
@@ -86,11 +86,6 @@ def add_rl_normalizers(spec: RlSpec, batch: dict) -> dict:
     return dict(batch, tok_coef=coef)
 
 
-def _pair(x, mask):
-    m = mask.astype(jnp.float32)
-    return jnp.sum(lax.stop_gradient(x) * m), jnp.sum(m)
-
-
 def make_rl_loss_fn(spec: RlSpec, graphdef: nnx.GraphDef):
     """``loss_fn(params, mb, _unused_head) -> ({"rl": (Σ coef·ℓ, 1/micro)}, metrics)``."""
 
@@ -104,15 +99,15 @@ def make_rl_loss_fn(spec: RlSpec, graphdef: nnx.GraphDef):
                                                weights=mb["weights"])
         orig = mask & (mb["term"] == 0)[:, None]
         ref = mask & (mb["term"] == 1)[:, None]
-        metrics = {"clip_fraction": _pair(clipped.astype(jnp.float32), mask),
-                   "ratio": _pair(jnp.exp(logp - mb["old_logp"]), mask),
-                   "pg_orig_loss": _pair(per_token, orig)}
+        metrics = {"clip_fraction": metric_pair(clipped.astype(jnp.float32), mask),
+                   "ratio": metric_pair(jnp.exp(logp - mb["old_logp"]), mask),
+                   "pg_orig_loss": metric_pair(per_token, orig)}
         if spec.ref_weight > 0:
-            metrics["pg_ref_loss"] = _pair(per_token, ref)
+            metrics["pg_ref_loss"] = metric_pair(per_token, ref)
         if spec.kl_coef > 0:
             kl = kl_to_reference(logp, mb["ref_logp"], mask, estimator=spec.kl_estimator)
             per_token = per_token + spec.kl_coef * kl
-            metrics["ref_kl"] = _pair(kl, mask)
+            metrics["ref_kl"] = metric_pair(kl, mask)
         value = jnp.sum(per_token * mb["tok_coef"])
         # tok_coef already divides by the (mini-)batch's counts; these counts sum to 1 over
         # the micro-batches, so accumulate_gradients' division is by 1.
