@@ -222,19 +222,27 @@ def run_trl(work: Path, reps: int, venv: Path) -> dict:
 
 
 def main() -> None:
+    global NEW_TOKENS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
+                    help="completion length (W2: 128; longer rollouts approach the paper's regime, "
+                         "where K = 50 is a small share of the rollout)")
     ap.add_argument("--work", default="/tmp/topd_w2")
     ap.add_argument("--trl-venv", default="/tmp/topd_trl_venv")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--no-topd", action="store_true")
     ap.add_argument("--no-ours", action="store_true", help="TRL side only")
     ap.add_argument("--worker", choices=["opd", "topd"], help=argparse.SUPPRESS)
+    ap.add_argument("--common", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for both OPD and TOPD, e.g. --common loss.vocab_chunk=128 "
+                         "(needed from ~512 new tokens: whole [8, T, 151936] logits exhaust 24 GiB)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for our TOPD run, e.g. --set topd.reuse_student_suffix=true")
     args = ap.parse_args()
     work = Path(args.work)
     sys.path.insert(0, str(ROOT))
+    NEW_TOKENS = args.new_tokens
     if args.worker:  # one algorithm per fresh process: no compile cache or memory shared
         print("RESULT " + json.dumps(run_ours(work, args.reps, args.worker, args.set)), flush=True)
         return
@@ -242,9 +250,10 @@ def main() -> None:
     prepare(work)
     results = []
     for algo in ([] if args.no_ours else ["opd"] + ([] if args.no_topd else ["topd"])):
-        extra = [f"--set={kv}" for kv in args.set] if algo == "topd" else []
+        extra = [f"--set={kv}" for kv in args.common + (args.set if algo == "topd" else [])]
         proc = subprocess.run([sys.executable, __file__, "--worker", algo, "--reps", str(args.reps),
-                               "--work", str(work), *extra], capture_output=True, text=True)
+                               "--work", str(work), "--new-tokens", str(NEW_TOKENS), *extra],
+                              capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         results.append(json.loads(lines[-1][7:]) if lines else
                        {"side": f"topd_jax {algo}", "error": proc.stderr.strip()[-1500:]})
@@ -253,7 +262,9 @@ def main() -> None:
         results.append(run_trl(work, args.reps, Path(args.trl_venv)))
         print(json.dumps(results[-1]), flush=True)
     load = os.getloadavg()
-    print(f"\nW2, {os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end")
+    print(f"\nW2 with {NEW_TOKENS} new tokens, {os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end")
+    if args.common:
+        print(f"overrides (both): {' '.join(args.common)}")
     if args.set:
         print(f"TOPD overrides: {' '.join(args.set)}")
     print("| side | s/step median (min-max) | seq/s | generation s | first step s |")
