@@ -53,12 +53,14 @@ def run_one(method: str, seed: int, overrides: list[str], out: Path, student_dir
 
 
 def _ms(xs, pct: bool = True) -> str:
-    xs = [x for x in xs if x is not None]
+    """mean ± sd over the seeds with a value; "(k/n)" when only k of the n seeds have one."""
+    n, xs = len(xs), [x for x in xs if x is not None]
     if not xs:
         return "n/a"
     scale = 100.0 if pct else 1.0
     sd = statistics.stdev(xs) * scale if len(xs) > 1 else 0.0
-    return f"{statistics.fmean(xs) * scale:.1f} ± {sd:.1f}" if pct else f"{statistics.fmean(xs):.2f} ± {sd:.2f}"
+    out = f"{statistics.fmean(xs) * scale:.1f} ± {sd:.1f}" if pct else f"{statistics.fmean(xs):.2f} ± {sd:.2f}"
+    return out if len(xs) == n else f"{out} ({len(xs)}/{n})"
 
 
 def accuracy_table(rows: list[dict]) -> str:
@@ -76,9 +78,10 @@ def accuracy_table(rows: list[dict]) -> str:
         def pair(key):
             return f"{_ms([x[key] for x in g])} / {_ms([x[key] for x in s])}"
 
+        per_seed = " / ".join(f"{100 * r['accuracy_after']:.1f}" for r in rs)
         lines.append(
             f"| {m.upper()} | {_ms([r['accuracy_before'] for r in rs])} | "
-            f"{' / '.join(f'{100 * r['accuracy_after']:.1f}' for r in rs)} | {_ms([r['accuracy_after'] for r in rs])} | "
+            f"{per_seed} | {_ms([r['accuracy_after'] for r in rs])} | "
             f"{_ms([x['accuracy'] for x in s])} | {pair('reflective_fraction')} | {pair('direct_solution_rate')} | "
             f"{pair('effective_reflection_rate')} | "
             f"{statistics.median(r['median_step_seconds'] for r in rs):.2f} |")
@@ -90,6 +93,7 @@ def construction_table(rows: list[dict]) -> str:
             ("construction_parse_rate", "parsed (%)", True), ("construction_kept_rate", "kept (%)", True),
             ("construction_correct_rate", "kept and right (%)", True),
             ("prefix_match_len", "prefix match (tokens)", False), ("ots_weight", "OTS weight mean", False),
+            ("ref_zero_variance_groups", "G_ref zero-variance (%)", True),
             ("reward_first", "reward first 10% (%)", True), ("reward_last", "reward last 10% (%)", True)]
     lines = ["| method | " + " | ".join(k[1] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m in METHODS:
