@@ -105,8 +105,10 @@ def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
     from topd_jax.train.step import TrainStep, batch_shardings
 
     # kl_window: the guidance's own teacher continuations (m = 1 per rollout), fewer compiles
+    # topd.fused_main_pass=false: the plan compiles the OPD term into the step (see plan.py), as
+    # this step then does; the fused step does the same work split between prepare and step.
     cfg = tiny_config(tmp_path, "algorithm=topd", "topd.detector=kl_window", "mesh.data=2", "mesh.fsdp=2",
-                      "mesh.tensor=2", "data.prompts_per_step=4", steps=1)
+                      "mesh.tensor=2", "data.prompts_per_step=4", "topd.fused_main_pass=false", steps=1)
     plan = plan_run(cfg)
     planned = memory_plan(cfg, plan.student.config, plan.teacher.config, 8, compile_step=True).rows
     r, length, k = 8, rollout_len(cfg), cfg.topd.window
@@ -133,6 +135,6 @@ def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
         loss_fn, normalize = build_objective(cfg, graphdef, length)
         step = TrainStep(loss_fn, tx, lr_schedule(cfg.optim, cfg.steps), shardings, mesh,
                          micro_batches=cfg.optim.micro_batches, normalize=normalize)
-        fn, _, _ = step._fn(batch, frozen.teacher_head)
-        measured = fn.lower(state, batch, frozen.teacher_head).compile().memory_analysis()
+        fn, _, _ = step._fn(batch, frozen.teacher_head, False)
+        measured = fn.lower(state, batch, frozen.teacher_head, None).compile().memory_analysis()
     assert planned["compiled step temporaries"] == measured.temp_size_in_bytes

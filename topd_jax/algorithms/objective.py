@@ -52,6 +52,7 @@ class LossSpec:
     window: int = 0                      # K
     guidance_weight: float = 1.0         # lambda
     micro_batches: int = 1
+    main_precomputed: bool = False       # the OPD term's value and gradient come with the batch
 
     @classmethod
     def from_config(cls, cfg: RunConfig, seq_len: int) -> "LossSpec":
@@ -64,7 +65,7 @@ class LossSpec:
             guidance_kind="nll" if cfg.topd.guidance_target == "teacher_tokens" else "forward_kl",
             guidance_decay=None if cfg.topd.guidance_decay == 1.0 else cfg.topd.guidance_decay,
             prefix_len=seq_len, window=cfg.topd.window, guidance_weight=cfg.topd.guidance_weight,
-            micro_batches=cfg.optim.micro_batches)
+            micro_batches=cfg.optim.micro_batches, main_precomputed=cfg.fuses_main_pass)
 
 
 def _window_weights(spec: LossSpec, window_mask: jax.Array) -> jax.Array:
@@ -102,6 +103,13 @@ def make_loss_fn(spec: LossSpec, graphdef: nnx.GraphDef):
     def loss_fn(params, mb, teacher_head):
         model = nnx.merge(graphdef, params)
         head = model.lm_head_weight()  # [d_s, V]
+        if spec.main_precomputed:  # the OPD term arrives as (value, grads): L_traj only, if any
+            if not spec.guidance:
+                return {"opd": (jnp.float32(0.0), jnp.float32(1.0))}, {}
+            traj = _guidance_term(spec, model, head, mb, teacher_head)
+            safe = jnp.where(mb["traj_norm"][0] > 0, mb["traj_norm"][0], 1.0)
+            return ({"guidance": (spec.guidance_weight * traj[0] / safe, jnp.float32(1.0 / spec.micro_batches))},
+                    {"traj_loss": (lax.stop_gradient(traj[0]), traj[1])})
         ids, mask = mb["ids"], mb["loss_mask"]
         hidden = hidden_states(model, ids, mb["seq_mask"])  # [R, L, d_s]
         metrics = {}

@@ -40,6 +40,7 @@ from topd_jax.rollout import GenerationResult, continue_from
 from topd_jax.rollout.engine import left_align
 from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
+from topd_jax.train.step import PRECOMPUTED_TERM
 
 
 # ---- ℓ_t and candidates ---------------------------------------------------------------------
@@ -54,6 +55,28 @@ def _token_loss_jit(graphdef, params, ids, seq_mask, loss_mask, teacher_hidden, 
 # gradient chunking costs no recompute, and on CPU (W2, [8, 165, 151936]) 16 positions took
 # 2.65 s against 4.05 s for whole logits, same values to the bit (cache-sized working set).
 DETECTOR_CHUNK = 16
+
+
+def token_loss_with_vjp(cfg: RunConfig, student, rows: dict, teacher_hidden, teacher_head):
+    """``(ℓ [R, L], vjp_fn)``: ℓ_t from the OPD term's own forward pass (the update's: same
+    chunking, ``loss.vocab_chunk``), its residuals kept so that ``vjp_fn(ct)`` gives the OPD
+    gradient without a second forward (``topd.fused_main_pass``)."""
+    graphdef, params = nnx.split(student)
+    kw = dict(kind=cfg.loss.divergence, beta=cfg.loss.jsd_beta, temperature=cfg.loss.kd_temperature,
+              chunk=cfg.loss.vocab_chunk)
+    return jax.vjp(lambda p: _token_loss_jit(graphdef, p, rows["ids"], rows["seq_mask"], rows["loss_mask"],
+                                             teacher_hidden, teacher_head, **kw), params)
+
+
+@jax.jit
+def opd_cotangent(loss, loss_mask, weights):
+    """The OPD term ``Σ w_t ℓ_t / Σ w_t`` over the batch (TOPD's normalisation, ``add_normalizers``):
+    ``(value, dvalue/dℓ [R, L], (Σ ℓ·mask, Σ mask))``."""
+    w = loss_mask.astype(jnp.float32) * weights
+    norm = jnp.sum(w)
+    ct = w / jnp.where(norm > 0, norm, 1.0)
+    m = loss_mask.astype(jnp.float32)
+    return jnp.sum(ct * loss), ct, (jnp.sum(loss * m), jnp.sum(m))
 
 
 def token_loss(cfg: RunConfig, student, rows: dict, teacher_hidden, teacher_head) -> jax.Array:
@@ -264,7 +287,11 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     if t_hidden is None:  # sampled-token estimator: ℓ_t still needs the teacher's hidden states
         t_hidden = timed(timings, "scoring", forward_hidden, frozen.teacher, batch["ids"], batch["seq_mask"])
     t = cfg.topd
-    loss = timed(timings, "scoring", token_loss, cfg, student, batch, t_hidden, frozen.teacher_head)
+    if cfg.fuses_main_pass:
+        loss, vjp_fn = timed(timings, "scoring", token_loss_with_vjp, cfg, student, batch, t_hidden,
+                             frozen.teacher_head)
+    else:
+        loss = timed(timings, "scoring", token_loss, cfg, student, batch, t_hidden, frozen.teacher_head)
     slots = candidate_slots(loss, batch["loss_mask"], mode=t.candidate_mode, num=t.num_candidates,
                             min_separation=t.min_separation, quantile=t.candidate_quantile, rollback=t.rollback)
     cand, pos, valid, _ = slots
@@ -275,6 +302,12 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
         cand, pos, valid, d_slot, batch["weights"], loss, batch["loss_mask"], quantile=t.false_alarm_quantile,
         regime="high_divergence" if mode == "high_divergence" else "low_divergence", suppress=mode != "none",
         weight=t.suppression_weight, guidance=cfg.uses_guidance, max_per_row=t.max_guided_points)
+    if cfg.fuses_main_pass:  # the OPD term's gradient from the kept residuals (no second forward)
+        value, ct, kl_pair = opd_cotangent(loss, batch["loss_mask"], batch["weights"])
+        (grads,) = timed(timings, "scoring", vjp_fn, ct)
+        del vjp_fn  # frees the residuals
+        batch[PRECOMPUTED_TERM] = (value, grads)  # TrainStep adds it to the loss and gradients
+        metrics.update(token_kl=kl_pair, opd_loss=(value, 1.0))
     sums = {k: float(v) for k, v in jax.device_get(sums).items()}
     rows_n = pos.shape[0]
     metrics.update({

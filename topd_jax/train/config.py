@@ -233,6 +233,10 @@ class TopdConfig(_Checked):
     continuations_per_side: int = opt(1, "continuations per side (ot_embedding)", _positive)
     reuse_student_suffix: bool = opt(False, "use the rollout's own y_t..y_{t+K-1} as the "
                                      "student future (saves one generation)")
+    fused_main_pass: bool = opt(True, "take ℓ_t from the update's own forward pass (jax.vjp) "
+                                "and reuse its residuals for the OPD gradient, instead of a "
+                                "separate no-gradient pass (needs optim.micro_batches=1 and the "
+                                "full_vocab estimator; otherwise the separate pass runs)")
     ot_solver: Literal["sinkhorn", "exact"] = opt("sinkhorn", "OT solver (ot_embedding)")
     sinkhorn_epsilon: float = opt(0.05, "entropic regularisation (sinkhorn)", _positive)
     sinkhorn_iters: int = opt(200, "Sinkhorn iterations", _positive)
@@ -482,6 +486,12 @@ class RunConfig(_Checked):
     def uses_reference(self) -> bool:
         """Whether a frozen reference policy is loaded (the KL term of GRPO/TAPO)."""
         return self.is_rl and self.grpo.kl_coef > 0
+
+    @property
+    def fuses_main_pass(self) -> bool:
+        """Whether the detector's ℓ_t comes from the OPD term's own forward (``topd.fused_main_pass``)."""
+        return (self.uses_detector and self.topd.fused_main_pass and self.optim.micro_batches == 1
+                and self.loss.estimator == "full_vocab")
 
     @property
     def uses_guidance(self) -> bool:

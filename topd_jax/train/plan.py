@@ -318,7 +318,11 @@ def compiled_step_temp_bytes(cfg: RunConfig, student: ModelConfig, teacher: Mode
     sds = jax.ShapeDtypeStruct
     state = TrainState(step=sds((), jnp.int32), opt_steps=sds((), jnp.int32), params=s_params,
                        opt_state=jax.eval_shape(tx.init, s_params), rng=sds((2,), jnp.uint32))
-    loss_fn, normalize = build_objective(cfg, graphdef, rollout_len(cfg))  # as train.loop builds it
+    # As train.loop builds it, except that TOPD's fused OPD term (topd.fused_main_pass: its
+    # forward and backward run in prepare via jax.vjp) is compiled into the step here, so the
+    # row counts that work, which happens either way.
+    cfg = dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, fused_main_pass=False))
+    loss_fn, normalize = build_objective(cfg, graphdef, rollout_len(cfg))
     step = TrainStep(loss_fn, tx, lr_schedule(cfg.optim, cfg.steps), shardings, mesh,
                      micro_batches=cfg.optim.micro_batches, normalize=normalize)
     batch = step_batch(cfg, teacher)
@@ -326,8 +330,8 @@ def compiled_step_temp_bytes(cfg: RunConfig, student: ModelConfig, teacher: Mode
     head = sds(head_shape, teacher.weight_dtype, sharding=jax.sharding.NamedSharding(
         mesh, logical_to_spec(("embed", "vocab"), head_shape, dict(mesh.shape))))
     with jax.set_mesh(mesh):
-        fn, _, _ = step._fn(batch, head)
-        analysis = fn.lower(state, batch, head).compile().memory_analysis()
+        fn, _, _ = step._fn(batch, head, False)
+        analysis = fn.lower(state, batch, head, None).compile().memory_analysis()
     return int(analysis.temp_size_in_bytes)
 
 

@@ -27,6 +27,10 @@ from topd_jax.train.optim import accumulate_gradients, select_if_finite, split_m
 from topd_jax.train.state import TrainState, replicated
 
 
+# Batch key of a loss term computed outside the step: ``(value, grads like params)``.
+PRECOMPUTED_TERM = "_precomputed_term"
+
+
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
     """Rows (axis 0) of every batch array over the ``act_batch`` mesh axes when they divide."""
     out = {}
@@ -37,12 +41,17 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedShar
 
 
 def _apply_update(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
-                  micro_batches: int, coefs: Mapping[str, float] | None, normalize: Callable | None):
-    """Gradient over ``batch`` and one optimizer update (traced): ``(params, opt_state, ok, metrics)``."""
+                  micro_batches: int, coefs: Mapping[str, float] | None, normalize: Callable | None,
+                  extra=None):
+    """Gradient over ``batch`` and one optimizer update (traced): ``(params, opt_state, ok, metrics)``.
+    ``extra``: ``(value, grads)`` of a loss term computed outside (added to the loss and grads)."""
     if normalize is not None:
         batch = normalize(batch)
     loss, grads, terms, metrics = accumulate_gradients(
         lambda p, mb: loss_fn(p, mb, teacher_head), state.params, batch, micro_batches, coefs)
+    if extra is not None:
+        loss = loss + extra[0]
+        grads = jax.tree.map(jnp.add, grads, extra[1])
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Non-finite gradients would poison Adam's moments even if the update were dropped:
@@ -59,7 +68,7 @@ def _apply_update(state: TrainState, batch, teacher_head, *, loss_fn: Callable, 
     return params, opt_state, ok, out
 
 
-def update_impl(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
+def update_impl(state: TrainState, batch, teacher_head, extra=None, *, loss_fn: Callable, tx, schedule,
                 micro_batches: int, coefs: Mapping[str, float], normalize: Callable | None = None,
                 updates: int = 1):
     """One step (traced): ``updates`` optimizer updates on as many consecutive row
@@ -70,8 +79,10 @@ def update_impl(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx
     averaged and ``skipped`` is the fraction of skipped updates."""
     kw = dict(loss_fn=loss_fn, tx=tx, schedule=schedule, micro_batches=micro_batches, coefs=coefs,
               normalize=normalize)
+    if extra is not None and updates != 1:
+        raise ValueError("a precomputed loss term (extra) needs updates=1")
     if updates == 1:
-        params, opt_state, ok, out = _apply_update(state, batch, teacher_head, **kw)
+        params, opt_state, ok, out = _apply_update(state, batch, teacher_head, extra=extra, **kw)
         opt_steps = state.opt_steps + ok.astype(jnp.int32)
     else:
         def body(carry, mini):
@@ -101,23 +112,29 @@ class TrainStep:
         self.shardings, self.mesh = shardings, mesh
         self._compiled: dict[tuple, Callable] = {}
 
-    def _fn(self, batch, teacher_head):
-        key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    def _fn(self, batch, teacher_head, with_extra: bool):
+        key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())) + (with_extra,)
         if key not in self._compiled:
             b_sh = batch_shardings(batch, self.mesh)
             head_sh = getattr(teacher_head, "sharding", None)
             if not isinstance(head_sh, NamedSharding):
                 head_sh = replicated(self.mesh)
 
-            def fn(state, batch, head):
-                return update_impl(state, batch, head, **self._kw)
+            def fn(state, batch, head, extra):
+                return update_impl(state, batch, head, extra, **self._kw)
 
-            self._compiled[key] = (jax.jit(fn, in_shardings=(self.shardings, b_sh, head_sh),
+            extra_sh = (replicated(self.mesh), self.shardings.params) if with_extra else None
+            self._compiled[key] = (jax.jit(fn, in_shardings=(self.shardings, b_sh, head_sh, extra_sh),
                                            out_shardings=(self.shardings, replicated(self.mesh)),
                                            donate_argnums=0), b_sh, head_sh)
         return self._compiled[key]
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], teacher_head) -> tuple[TrainState, dict]:
-        fn, b_sh, head_sh = self._fn(batch, teacher_head)
+        """``batch[PRECOMPUTED_TERM]``, if present: ``(value, grads)`` of a loss term computed
+        outside the step (TOPD's fused OPD term, ``algorithms.topd``), added to the loss and
+        the gradients; every other entry is rows."""
+        batch = dict(batch)
+        extra = batch.pop(PRECOMPUTED_TERM, None)
+        fn, b_sh, head_sh = self._fn(batch, teacher_head, extra is not None)
         batch = {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
-        return fn(state, batch, jax.device_put(teacher_head, head_sh))
+        return fn(state, batch, jax.device_put(teacher_head, head_sh), extra)
