@@ -104,8 +104,8 @@ def _check_vocab(student: ModelPlan, teacher: ModelPlan) -> None:
 
 
 def _synthetic_text(cfg: RunConfig) -> TextIO:
-    # TAPO's constructions need the tag/correction words; every other id is unchanged.
-    tok = synthetic.SyntheticTokenizer(construction_words=cfg.algorithm == "tapo")
+    # RL runs start from a cold start that knows the tag/correction words; other ids unchanged.
+    tok = synthetic.SyntheticTokenizer(construction_words=cfg.is_rl)
     return TextIO(encode=tok.encode, decode=tok.decode, verify=synthetic.check, eos_ids=(tok.eos_id,),
                   pad_id=tok.pad_id, vocab_size=tok.vocab_size,
                   encode_completion=lambda s: tok.encode(s, add_bos=False))
