@@ -232,6 +232,7 @@ def main() -> None:
     ap.add_argument("--trl-venv", default="/tmp/topd_trl_venv")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--no-topd", action="store_true")
+    ap.add_argument("--no-opd", action="store_true", help="our TOPD side only (e.g. a second TOPD setting)")
     ap.add_argument("--no-ours", action="store_true", help="TRL side only")
     ap.add_argument("--worker", choices=["opd", "topd"], help=argparse.SUPPRESS)
     ap.add_argument("--common", action="append", default=[], metavar="KEY=VALUE",
@@ -249,7 +250,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
     results = []
-    for algo in ([] if args.no_ours else ["opd"] + ([] if args.no_topd else ["topd"])):
+    for algo in ([] if args.no_ours else ([] if args.no_opd else ["opd"]) + ([] if args.no_topd else ["topd"])):
         extra = [f"--set={kv}" for kv in args.common + (args.set if algo == "topd" else [])]
         proc = subprocess.run([sys.executable, __file__, "--worker", algo, "--reps", str(args.reps),
                                "--work", str(work), "--new-tokens", str(NEW_TOKENS), *extra],
