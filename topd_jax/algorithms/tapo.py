@@ -39,7 +39,7 @@ import numpy as np
 
 from topd_jax.algorithms import grpo, opd
 from topd_jax.algorithms.opd import Frozen, Pair, timed
-from topd_jax.algorithms.scoring import score_tokens_entropy
+from topd_jax.algorithms.scoring import score_tokens, score_tokens_entropy
 from topd_jax.algorithms.tapo_construct import Failure, parse_construction, select_pairs, splice, splice_text
 from topd_jax.algorithms.tapo_construct import synthesis_prompt as math_synthesis_prompt
 from topd_jax.data import synthetic
@@ -89,7 +89,7 @@ def generate_constructions(cfg: RunConfig, student, frozen: Frozen, prompts: dic
         right = text.decode(_strip_stop(ids[pr.prompt * n + pr.right], frozen.eos_ids))
         tok = text.encode(fmt(synthesis_text(cfg, prompts["problems"][pr.prompt], wrong, right)))
         encoded.append(tok if len(tok) <= prompt_len else None)
-        drops["synthesis_prompt_too_long"] += tok is None or len(tok) > prompt_len
+        drops["synthesis_prompt_too_long"] += len(tok) > prompt_len
     real = [e for e in encoded if e is not None]
     if not real:
         return [None] * len(pairs), drops
@@ -224,7 +224,6 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
         w = ots_weights(old_logp, entropy, constructed, lo=t.ots_low, hi=t.ots_high)
         batch["weights"] = jnp.where(constructed, w, batch["weights"])
     if cfg.uses_reference:
-        from topd_jax.algorithms.scoring import score_tokens
         batch["ref_logp"] = score_tokens(frozen.teacher, batch["ids"], batch["seq_mask"], batch["loss_mask"],
                                          chunk=cfg.loss.vocab_chunk)
 
