@@ -290,3 +290,18 @@ def test_paper_rl_configs_load_and_divide_their_rows(name):
         per_prompt = cfg.rollout.n + (cfg.tapo.m_max if cfg.algorithm == "tapo" else 0)
         rows = cfg.data.prompts_per_step * per_prompt
         assert rows % (cfg.grpo.updates_per_batch * cfg.optim.micro_batches) == 0
+
+
+def test_kl_reference_is_the_initial_student(tmp_path):
+    """grpo.kl_coef > 0 loads the reference from the student's own spec and seed: at the first
+    step policy == reference, so the k3 KL is 0; after an update it is positive."""
+    from topd_jax.train.loop import train
+    cfg = _cfg("grpo", "steps=2", f"output_dir={tmp_path}", "logging.progress_bar=false",
+               "logging.tensorboard=false", "checkpoint.export_hf=false", "grpo.kl_coef=0.1")
+    plan = plan_run(cfg)
+    assert plan.teacher is not None and plan.teacher.config == plan.student.config
+    assert plan.teacher.seed == plan.student.seed
+    plan.text.verify = lambda text, gold: len(text.split()) % 2 == 0
+    history = train(cfg, plan=plan).history
+    assert abs(history[0]["ref_kl"]) < 1e-6
+    assert history[1]["ref_kl"] > 1e-6
