@@ -120,31 +120,27 @@ def forward_hidden(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
     return _forward_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("temperature", "chunk"))
-def _logprob_jit(graphdef, state, ids, mask, target_mask, *, temperature, chunk):
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("temperature", "chunk"))
+def _score_jit(per_token, graphdef, state, ids, mask, target_mask, *, temperature, chunk):
+    """``per_token(hidden, head, ids, target_mask, ...)`` under the model, compiled once per function."""
     model = nnx.merge(graphdef, state)
-    return token_logprobs(hidden_states(model, ids, mask), model.lm_head_weight(), ids, target_mask,
-                          temperature=temperature, chunk=chunk)
+    return per_token(hidden_states(model, ids, mask), model.lm_head_weight(), ids, target_mask,
+                     temperature=temperature, chunk=chunk)
+
+
+def _score(per_token, model, ids, mask, target_mask, temperature, chunk):
+    graphdef, state = nnx.split(model)
+    return _score_jit(per_token, graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
+                      jnp.asarray(target_mask, bool), temperature=float(temperature), chunk=chunk)
 
 
 def score_tokens(model, ids: jax.Array, mask: jax.Array, target_mask: jax.Array, *,
                  temperature: float = 1.0, chunk: int | None = None) -> jax.Array:
     """Jitted ``token_logprobs`` of ``ids`` under ``model`` (no gradient): ``[rows, L]``."""
-    graphdef, state = nnx.split(model)
-    return _logprob_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
-                        jnp.asarray(target_mask, bool), temperature=float(temperature), chunk=chunk)
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("temperature", "chunk"))
-def _logprob_entropy_jit(graphdef, state, ids, mask, target_mask, *, temperature, chunk):
-    model = nnx.merge(graphdef, state)
-    return token_logprobs_entropy(hidden_states(model, ids, mask), model.lm_head_weight(), ids, target_mask,
-                                  temperature=temperature, chunk=chunk)
+    return _score(token_logprobs, model, ids, mask, target_mask, temperature, chunk)
 
 
 def score_tokens_entropy(model, ids: jax.Array, mask: jax.Array, target_mask: jax.Array, *,
                          temperature: float = 1.0, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Jitted ``token_logprobs_entropy`` under ``model`` (no gradient): two ``[rows, L]``."""
-    graphdef, state = nnx.split(model)
-    return _logprob_entropy_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
-                                jnp.asarray(target_mask, bool), temperature=float(temperature), chunk=chunk)
+    return _score(token_logprobs_entropy, model, ids, mask, target_mask, temperature, chunk)
