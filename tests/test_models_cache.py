@@ -104,7 +104,7 @@ def test_cache_layout_and_dtypes():
     model = random_model(QWEN3)
     cache = model.init_cache(3, 7)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == cache.v.shape == (2, 3, 7, 2, 16)
+    assert cache.k.shape == cache.v.shape == (2, 3, 2, 7, 16)  # [layers, batch, kv_heads, slots, head_dim]
     assert cache.k.dtype == jnp.float32 and cache.mask.dtype == jnp.bool_ and cache.mask.shape == (3, 7)
     assert cache.index.dtype == jnp.int32 and cache.index.shape == ()
     assert model.init_cache(1, 4, dtype=jnp.bfloat16).k.dtype == jnp.bfloat16

@@ -65,7 +65,7 @@ def test_sharded_generation_equals_unsharded(mesh, rollouts):
     plain, sharded = rollouts
     assert_same(plain, sharded)
     # the cache really was split: rows over data x fsdp, kv heads over tensor
-    want = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None, "tensor", None))
+    want = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), "tensor", None, None))
     assert sharded.cache.k.sharding.is_equivalent_to(want, 5), sharded.cache.k.sharding
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 # Logical axes of the cache arrays, for sharding with topd_jax.sharding.
-CACHE_KV_AXES = ("cache_layers", "act_batch", "cache_seq", "act_kv_heads", "head_dim")
+CACHE_KV_AXES = ("cache_layers", "act_batch", "act_kv_heads", "cache_seq", "head_dim")
 CACHE_MASK_AXES = ("act_batch", "cache_seq")
 
 
@@ -15,7 +15,10 @@ CACHE_MASK_AXES = ("act_batch", "cache_seq")
 class KVCache:
     """Slot-mask KV cache (a pytree; pass it in and out of jitted functions).
 
-    k, v:  [layers, batch, slots, kv_heads, head_dim]  keys after RoPE (and q/k norm)
+    k, v:  [layers, batch, kv_heads, slots, head_dim]  keys after RoPE (and q/k norm); slots
+           next to head_dim, so one layer's [batch, kv_heads, slots, head_dim] is the operand
+           attention contracts over (no transpose per decode step) and a prefix of slots is a
+           contiguous block per head
     mask:  [batch, slots] bool   slot holds a real token that later queries may attend to
     index: int32 scalar          next slot to write (the same for every row)
 
@@ -32,10 +35,10 @@ class KVCache:
     @classmethod
     def zeros(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
               dtype) -> "KVCache":
-        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]

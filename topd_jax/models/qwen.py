@@ -125,12 +125,13 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "head_dim"))
         if cache is not None:
-            start = (layer, 0, cache.index, 0, 0)
+            start = (layer, 0, 0, cache.index, 0)  # cache [L, B, k, S, h]; the new tokens as [B, k, T, h]
             cache = cache.replace(
-                k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-                v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
+                k=jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype), start),
+                v=jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype), start),
             )
-            k, v = cache.k[layer].astype(dt), cache.v[layer].astype(dt)  # [B, S, k, h]
+            k = cache.k[layer].astype(dt).transpose(0, 2, 1, 3)  # [B, S, k, h]
+            v = cache.v[layer].astype(dt).transpose(0, 2, 1, 3)
         out = attend(q, k, v, allowed)  # [B, T, n, h]
         return jnp.einsum("btnh,dnh->btd", out, self.o_proj[...].astype(dt)), cache  # [B, T, d]
 

@@ -46,9 +46,9 @@ def _resize_slots(cache: KVCache, slots: int) -> KVCache:
     """Cut or zero-pad the slot axis to `slots` (new slots masked)."""
     have = cache.max_len
     if have >= slots:
-        return cache.replace(k=cache.k[:, :, :slots], v=cache.v[:, :, :slots], mask=cache.mask[:, :slots])
+        return cache.replace(k=cache.k[:, :, :, :slots], v=cache.v[:, :, :, :slots], mask=cache.mask[:, :slots])
     pad = slots - have
-    kv_pad = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+    kv_pad = ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0))
     return cache.replace(k=jnp.pad(cache.k, kv_pad), v=jnp.pad(cache.v, kv_pad),
                          mask=jnp.pad(cache.mask, ((0, 0), (0, pad))))
 

@@ -135,9 +135,9 @@ def opt_state_bytes(tx, params: nnx.State, mesh: dict[str, int]) -> int:
 
 
 def kv_cache_bytes(config: ModelConfig, rows: int, slots: int, mesh: dict[str, int]) -> int:
-    """Per-device bytes of k and v ``[layers, rows, slots, kv_heads, head_dim]`` (compute dtype).
+    """Per-device bytes of k and v ``[layers, rows, kv_heads, slots, head_dim]`` (compute dtype).
     The cache's ``[rows, slots]`` bool mask is not counted (1 byte per slot)."""
-    shape = (config.num_layers, rows, slots, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, rows, config.num_kv_heads, slots, config.head_dim)
     return 2 * shard_bytes(shape, config.compute_dtype, logical_to_spec(CACHE_KV_AXES, shape, mesh), mesh)
 
 
