@@ -17,6 +17,7 @@ from topd_jax.losses import (
     token_divergence,
     topd_loss,
     trajectory_guidance_loss,
+    trajectory_weights,
 )
 
 B, T, V = 4, 12, 9
@@ -65,6 +66,17 @@ def test_suppression_weights_are_s_at_false_alarms_and_one_elsewhere():
         np.testing.assert_array_equal(w, np.where(alarm, s, 1.0))
     with pytest.raises(ValueError, match="regime='mid'"):
         false_alarms(cand, div, regime="mid")
+
+
+def test_suppression_weights_with_a_global_false_alarm_suppress_only_those_candidates():
+    _, _, cand, div = batch(1)
+    # Classified over a bigger (global) batch: another threshold than this batch's own.
+    alarm = cand & (div <= np.quantile(div[cand], 0.6))
+    w = np.asarray(suppression_weights(cand, np.full(div.shape, np.nan, np.float32), weight=0.25,
+                                       false_alarm=alarm | ~cand))  # non-candidates are never suppressed
+    np.testing.assert_array_equal(w, np.where(alarm, 0.25, 1.0))
+    with pytest.raises(ValueError, match=r"false_alarm \(2, 3\)"):
+        suppression_weights(cand, div, false_alarm=np.zeros((2, 3), bool))
 
 
 def test_guidance_points_are_the_most_divergent_non_false_alarm_candidate_per_row():
@@ -151,6 +163,15 @@ def test_trajectory_loss_decay_weights_the_ith_window_token_by_gamma_to_the_i():
     assert float(total) == pytest.approx((weight * per_token).sum(), rel=1e-5)
 
 
+def test_trajectory_weights_are_gamma_to_the_i_and_sum_to_the_loss_count():
+    s, t, wmask, _ = guidance(6)
+    index = np.cumsum(wmask, -1) - 1
+    w = np.asarray(trajectory_weights(wmask, decay=0.8))
+    np.testing.assert_allclose(w, np.where(wmask, 0.8**index, 0.0), rtol=1e-6)
+    np.testing.assert_array_equal(trajectory_weights(wmask), wmask.astype(np.float32))
+    assert float(trajectory_guidance_loss(s, t, wmask, decay=0.8)[1]) == pytest.approx(w.sum(), rel=1e-6)
+
+
 def test_trajectory_nll_uses_the_teacher_tokens_and_needs_them():
     s, _, wmask, targets = guidance(7)
     total, count = trajectory_guidance_loss(s, None, wmask, kind="nll", targets=targets)
@@ -195,6 +216,19 @@ def test_topd_loss_combines_weighted_opd_and_lambda_times_trajectory_with_metric
     assert ratio["false_alarm_fraction"] == pytest.approx(alarm.sum() / cand.sum())
     assert ratio["divergence"] == pytest.approx(div[cand].mean(), rel=1e-6)
     assert ratio["guided_points_per_rollout"] == pytest.approx(2 / B)
+
+
+def test_topd_loss_passes_temperature_and_beta_to_the_trajectory_term():
+    loss, mask, cand, div = batch(9)
+    s, t, wmask, _ = guidance(9)
+    for kind in ("forward_kl", "jsd"):
+        out, metrics = topd_loss(loss, mask, candidates=cand, divergence=div, guidance_student_logits=s,
+                                 guidance_teacher_logits=t, guidance_mask=wmask, traj_kind=kind,
+                                 traj_temperature=2.0, traj_beta=0.3)
+        want = trajectory_guidance_loss(s, t, wmask, kind=kind, temperature=2.0, beta=0.3)
+        assert float(metrics["traj_loss"][0]) == pytest.approx(float(want[0]), rel=1e-6)
+        plain = trajectory_guidance_loss(s, t, wmask, kind=kind)
+        assert abs(float(want[0]) - float(plain[0])) > 1e-3  # the options change the term
 
 
 def test_topd_without_guidance_or_suppression_is_plain_opd():

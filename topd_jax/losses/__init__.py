@@ -53,6 +53,7 @@ from topd_jax.losses.topd import (
     suppression_weights,
     topd_loss,
     trajectory_guidance_loss,
+    trajectory_weights,
 )
 
 # ---------------------------------------------------------------------------
@@ -105,5 +106,6 @@ __all__ = [
     "token_entropy",
     "topd_loss",
     "trajectory_guidance_loss",
+    "trajectory_weights",
     "truncate_to_common_vocab",
 ]

@@ -73,13 +73,23 @@ def suppression_weights(
     quantile: float = 0.3,
     weight: float = 0.0,
     regime: str = "low_divergence",
+    false_alarm: jax.Array | None = None,
 ) -> jax.Array:
     """Per-token weights w_t: ``weight`` (s, default 0 = drop) at false alarms, 1 elsewhere.
 
     ``[batch, seq]`` bool candidates and float divergence -> ``[batch, seq]`` float32.
-    See ``false_alarms`` for ``quantile`` and ``regime``.
+    See ``false_alarms`` for ``quantile`` and ``regime``. ``false_alarm``: ``[batch, seq]``
+    bool from ``false_alarms`` over the *global* batch (micro-batching); only candidates
+    among them are suppressed, and ``quantile``/``regime`` are then unused. ``None``
+    classifies here.
     """
-    alarm = false_alarms(candidates, divergence, quantile=quantile, regime=regime)
+    cand = candidates.astype(bool)
+    if false_alarm is None:
+        alarm = false_alarms(cand, divergence, quantile=quantile, regime=regime)
+    else:
+        if false_alarm.shape != cand.shape:
+            raise ValueError(f"false_alarm {false_alarm.shape} and candidates {cand.shape} differ")
+        alarm = false_alarm.astype(bool) & cand
     return jnp.where(alarm, jnp.float32(weight), jnp.float32(1.0))
 
 
@@ -137,6 +147,22 @@ def opd_loss(token_loss: jax.Array, mask: jax.Array, weights: jax.Array | None =
         w = w * lax.stop_gradient(weights.astype(jnp.float32))
     loss = jnp.where(w != 0, token_loss.astype(jnp.float32), 0.0)
     return jnp.sum(w * loss), jnp.sum(w)
+
+
+def trajectory_weights(window_mask: jax.Array, *, decay: float | None = None) -> jax.Array:
+    """The per-token weights of L_traj: 1 on window tokens, or γ^i for the i-th window token
+    of the row (i = 0, 1, … counted along the last axis) with ``decay``; 0 elsewhere.
+
+    ``[rows, seq]`` bool -> ``[rows, seq]`` float32. Their sum is the count of
+    ``trajectory_guidance_loss`` (the ``guidance_normalizer`` of ``topd_loss``); it depends
+    on the masks only, so it can be taken over the global batch before micro-batching.
+    """
+    valid = window_mask.astype(bool)
+    w = valid.astype(jnp.float32)
+    if decay is not None:
+        index = jnp.cumsum(valid, axis=-1) - 1  # i for every window token of the row
+        w = w * jnp.power(jnp.float32(decay), jnp.maximum(index, 0).astype(jnp.float32))
+    return w
 
 
 def trajectory_guidance_loss(
@@ -201,10 +227,7 @@ def trajectory_guidance_loss(
             temperature=temperature,
             max_vocab_padding=max_vocab_padding,
         )
-    w = valid.astype(jnp.float32)
-    if decay is not None:
-        index = jnp.cumsum(valid, axis=-1) - 1  # i for every window token of the row
-        w = w * jnp.power(jnp.float32(decay), jnp.maximum(index, 0).astype(jnp.float32))
+    w = trajectory_weights(valid, decay=decay)
     return jnp.sum(w * per_token), jnp.sum(w)
 
 
@@ -226,6 +249,8 @@ def topd_loss(
     regime: str = "low_divergence",
     traj_kind: str = "forward_kl",
     traj_decay: float | None = None,
+    traj_temperature: float = 1.0,
+    traj_beta: float = 0.5,
     token_normalizer: jax.Array | None = None,
     guidance_normalizer: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, SumCount]]:
@@ -245,7 +270,8 @@ def topd_loss(
       guidance_targets: ``[rows, seq_g]`` ids, for ``traj_kind="nll"``.
       lam: λ (default 1.0). suppression_weight: s (default 0). suppress: False gives
         plain OPD weights (all 1) while still reporting the classification metrics.
-      traj_kind, traj_decay: see ``trajectory_guidance_loss``.
+      traj_kind, traj_decay, traj_temperature, traj_beta: ``kind``, ``decay``,
+        ``temperature`` and ``beta`` of ``trajectory_guidance_loss``.
       token_normalizer, guidance_normalizer: the *global* OPD and L_traj counts when this
         call sees one micro-batch; then Σ over micro-batches of the returned loss equals
         the full-batch loss. ``None`` uses this call's own counts.
@@ -262,7 +288,7 @@ def topd_loss(
     if false_alarm is None:
         false_alarm = false_alarms(cand, divergence, quantile=quantile, regime=regime)
     alarm = false_alarm.astype(bool) & cand
-    weights = jnp.where(alarm & suppress, jnp.float32(suppression_weight), jnp.float32(1.0))
+    weights = suppression_weights(cand, divergence, weight=suppression_weight, false_alarm=alarm) if suppress else None
     opd_sum, opd_count = opd_loss(token_loss, valid, weights)
 
     if guidance_student_logits is None:
@@ -276,6 +302,8 @@ def topd_loss(
             guidance_mask,
             kind=traj_kind,
             decay=traj_decay,
+            beta=traj_beta,
+            temperature=traj_temperature,
             targets=guidance_targets,
         )
         guided = jnp.sum(jnp.any(guidance_mask.astype(bool), axis=-1)).astype(jnp.float32)
