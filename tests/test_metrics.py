@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from topd_jax.train.metrics import (MetricsSink, PairAccumulator, crc32c, format_summary,
-                                    reduce_pairs)
+                                    reduce_pairs, rewind_jsonl)
 
 
 def test_pairs_reduce_as_global_sum_over_global_count():
@@ -69,6 +69,10 @@ def _event_class():
     ev.field.add(name="file_version", number=3, type=T.TYPE_STRING, label=L.LABEL_OPTIONAL)
     ev.field.add(name="summary", number=5, type=T.TYPE_MESSAGE, label=L.LABEL_OPTIONAL,
                  type_name=".tft.Summary")
+    slog = f.message_type.add(name="SessionLog")
+    slog.field.add(name="status", number=1, type=T.TYPE_INT32, label=L.LABEL_OPTIONAL)
+    ev.field.add(name="session_log", number=7, type=T.TYPE_MESSAGE, label=L.LABEL_OPTIONAL,
+                 type_name=".tft.SessionLog")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tft.Event"))
@@ -107,3 +111,54 @@ def test_tensorboard_event_file_decodes_with_protobuf(tmp_path):
 
 def test_summary_line_format():
     assert format_summary(3, {"a": 0.123456, "tok/s": 12345.6}) == "step 3 | a 0.1235 | tok/s 1.235e+04"
+
+
+def test_resume_drops_rows_after_the_restored_step_and_a_torn_last_line(tmp_path):
+    with MetricsSink(tmp_path, process_index=0, stream=io.StringIO(), tensorboard=False) as sink:
+        for step in (0, 1, 2, 3):
+            sink.write(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    with MetricsSink(tmp_path, process_index=0, stream=io.StringIO(), tensorboard=False,
+                     resume_from=1) as sink:
+        sink.write(2, {"loss": 20.0})
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 20.0)]
+    assert rewind_jsonl(tmp_path / "metrics.jsonl", 5) == 0 and rewind_jsonl(tmp_path / "absent", 0) == 0
+    assert rewind_jsonl(tmp_path / "metrics.jsonl", -1) == 3
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_rewinds_tensorboard_events_and_marks_the_purge_step(tmp_path):
+    with MetricsSink(tmp_path, process_index=0, stream=io.StringIO(), jsonl=False) as sink:
+        for step in (1, 2, 3):
+            sink.write(step, {"loss": float(step)})
+    (old,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    with open(old, "ab") as f:
+        f.write(b"\x05\x00\x00")  # a torn record from the kill
+    with MetricsSink(tmp_path, process_index=0, stream=io.StringIO(), jsonl=False, resume_from=2) as sink:
+        sink.write(3, {"loss": 30.0})
+    Event = _event_class()
+    events = [Event.FromString(r) for p in sorted((tmp_path / "tb").glob("events.out.tfevents.*"))
+              for r in _read_records(p)]
+    scalars = [(e.step, e.summary.value[0].simple_value) for e in events if e.HasField("summary")]
+    assert scalars == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    starts = [e.step for e in events if e.HasField("session_log")]
+    assert starts == [3] and all(e.session_log.status == 1 for e in events if e.HasField("session_log"))
+    # -1 (a fresh run): the old summaries go, and a file left with a header only is removed.
+    with MetricsSink(tmp_path, process_index=0, stream=io.StringIO(), jsonl=False, resume_from=-1):
+        pass
+    events = [Event.FromString(r) for p in (tmp_path / "tb").glob("events.out.tfevents.*")
+              for r in _read_records(p)]
+    assert not [e for e in events if e.HasField("summary")]
+
+
+def test_summary_lines_go_through_tqdm_write_so_a_bar_is_redrawn(tmp_path, monkeypatch):
+    from topd_jax.train import metrics
+    calls = []
+    monkeypatch.setattr(metrics.tqdm, "write", lambda s, file=None: calls.append((s, file)))
+    stream = io.StringIO()
+    with MetricsSink(tmp_path, process_index=0, stream=stream, jsonl=False, tensorboard=False) as sink:
+        sink.write(4, {"loss": 0.5})
+    assert calls == [("step 4 | loss 0.5", stream)]

@@ -1,5 +1,6 @@
-"""Resume and preemption: 2N steps straight == N steps, SIGKILL, resume to 2N; SIGTERM mid-run
-saves a checkpoint and exits 0 (both in real subprocesses)."""
+"""Resume and preemption: SIGKILL between two checkpoints, then resume to 2N == 2N steps
+straight (parameters, history, and metrics.jsonl / TensorBoard rows, each step once); SIGTERM
+mid-run saves a checkpoint and exits 0 (both in real subprocesses)."""
 
 import json
 import os
@@ -33,40 +34,60 @@ def _wait_for(predicate, proc, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigkill_after_checkpoint_then_resume_equals_the_straight_run(tmp_path):
-    killed_dir, marker = tmp_path / "killed", tmp_path / "saved_step_n"
+def _jsonl_rows(run_dir):
+    """metrics.jsonl rows without the wall-time fields (they differ between runs)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time" and k not in TIMING_KEYS} for r in rows]
+
+
+def _tb_steps(run_dir):
+    """Steps of the scalar-summary events in every TensorBoard file of a run, in file-name
+    order (the order TensorBoard reads them)."""
+    from topd_jax.train.metrics import event_info, read_tfrecords
+    paths = sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+    return [step for p in paths for step, fields in map(event_info, read_tfrecords(p.read_bytes()))
+            if 5 in fields]
+
+
+def test_sigkill_between_checkpoints_then_resume_logs_each_step_once_as_the_straight_run(tmp_path):
+    """checkpoint.every=N: the child is killed after step N + 1 was logged but before the
+    checkpoint at 2N; the resumed run restores step N, rewinds metrics.jsonl and tb/ to it and
+    logs N + 1 .. 2N again, so every step is there once, equal to the uninterrupted run."""
+    killed_dir, marker = tmp_path / "killed", tmp_path / "logged_step_n_plus_1"
+    overrides = ("logging.tensorboard=true", f"checkpoint.every={N}")
     child = tmp_path / "child.py"
-    # The child saves step N, then hangs (as a job would be killed at an arbitrary point after it).
+    # The loop asks the checkpointer whether step N + 1 is due right after logging it: hang
+    # there (a job killed at an arbitrary point between two checkpoints).
     child.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
         from tests._train_tiny import tiny_config
         from topd_jax.train import loop
-        real_save = loop.TrainCheckpointer.save
-        def save(self, step, *args, **kwargs):
-            started = real_save(self, step, *args, **kwargs)
-            if step == {N}:
-                self.wait()
+        real_due = loop.TrainCheckpointer.due
+        def due(self, step, **kwargs):
+            if step == {N + 1}:
                 open({str(marker)!r}, "w").close()
                 time.sleep(600)
-            return started
-        loop.TrainCheckpointer.save = save
-        loop.train(tiny_config({str(killed_dir)!r}, steps={2 * N}))
+            return real_due(self, step, **kwargs)
+        loop.TrainCheckpointer.due = due
+        loop.train(tiny_config({str(killed_dir)!r}, *{overrides!r}, steps={2 * N}))
     """))
     proc = subprocess.Popen([sys.executable, str(child)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(marker.exists, proc, 240, f"the checkpoint at step {N}")
+        _wait_for(marker.exists, proc, 240, f"step {N + 1} to be logged")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert [r["step"] for r in _jsonl_rows(killed_dir)] == list(range(1, N + 2))  # N + 1 logged, not saved
+    assert sorted(int(p.name) for p in (killed_dir / "checkpoints").iterdir() if p.name.isdigit()) == [N]
 
-    resumed = train(tiny_config(killed_dir, steps=2 * N))
-    # The resumed run continued at N + 1 (it did not start over): one JSONL row per step.
-    logged = [json.loads(x)["step"] for x in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 2 * N + 1)), logged
-    straight = train(tiny_config(tmp_path / "straight", steps=2 * N))
+    resumed = train(tiny_config(killed_dir, *overrides, steps=2 * N))
+    straight = train(tiny_config(tmp_path / "straight", *overrides, steps=2 * N))
+    assert [r["step"] for r in _jsonl_rows(killed_dir)] == list(range(1, 2 * N + 1))
+    assert _jsonl_rows(killed_dir) == _jsonl_rows(tmp_path / "straight")
+    assert _tb_steps(killed_dir) == _tb_steps(tmp_path / "straight") == list(range(1, 2 * N + 1))
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(jax.device_get(straight.params))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731

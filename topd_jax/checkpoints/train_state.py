@@ -79,6 +79,13 @@ class TrainCheckpointer:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def due(self, step: int, *, force: bool = False) -> bool:
+        """Whether ``save(step, ..., force=force)`` would write: lets a caller skip building
+        the save's items (e.g. a long metrics history) on the steps in between."""
+        if not force and step % self.every:
+            return False
+        return int(step) not in self._manager.all_steps()  # e.g. a forced final save right after the periodic one
+
     def save(self, step: int, state: Any, *, data: dict, config: dict, metrics: dict,
              force: bool = False) -> bool:
         """Save if ``step % every == 0`` or ``force``; True if a save started.
@@ -86,10 +93,8 @@ class TrainCheckpointer:
         With async saving the arrays are copied off-device before this returns, so the
         caller may donate ``state`` to the next step; files finish in the background.
         """
-        if not force and step % self.every:
+        if not self.due(step, force=force):
             return False
-        if int(step) in self._manager.all_steps():
-            return False  # e.g. a forced final save right after the periodic one
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_jsonable(data)),
             config=ocp.args.JsonSave(_jsonable(config)),

@@ -4,7 +4,9 @@ Per step: prompts (grain, resumable) -> ``algorithms.prepare_batch`` (sampling, 
 scoring, TOPD detector; no gradient) -> ``TrainStep`` (jitted update) -> metrics, periodic
 evaluation, checkpoint. Resume: the latest good checkpoint restores the train state, the
 data iterator, the metrics history and the non-finite counter, so re-running the same
-command continues exactly. SIGTERM: save, then return with ``preempted=True`` (the command
+command continues exactly; ``metrics.jsonl`` and ``tb/`` are rewound to the restored step
+(what a run killed between two checkpoints logged after it is dropped, then logged again
+once), and a run that restores nothing starts them afresh. SIGTERM: save, then return with ``preempted=True`` (the command
 exits 0). Non-finite loss: the step is skipped (state unchanged) and counted; after
 ``max_nonfinite_steps`` in a row the run halts with ``NonFiniteLossError``.
 
@@ -118,10 +120,10 @@ def train(cfg: RunConfig, *, student_path: str | None = None, teacher_path: str 
     plan = plan or plan_run(cfg, student_path, teacher_path)  # validates; writes nothing
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():  # only process 0 prints and writes files (every process saves checkpoints)
-        print(f"{cfg.algorithm}: {len(plan.train_examples)} training prompts ({plan.skipped_prompts} skipped: "
-              f"longer than data.max_prompt_len={cfg.data.max_prompt_len}), {len(plan.eval_examples)} held-out; "
-              f"mesh {dict(plan.mesh.shape)}; output {out_dir}", flush=True)
+    if is_main_process():  # only process 0 logs and writes files (every process saves checkpoints)
+        log.info("%s: %d training prompts (%d skipped: longer than data.max_prompt_len=%d), %d held-out; "
+                 "mesh %s; output %s", cfg.algorithm, len(plan.train_examples), plan.skipped_prompts,
+                 cfg.data.max_prompt_len, len(plan.eval_examples), dict(plan.mesh.shape), out_dir)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     # Models are built outside ``set_mesh``: their init places each parameter by the rules
     # itself (NNX would otherwise read the logical names as mesh axes).
@@ -150,9 +152,11 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     history: list[dict[str, float]] = []
     evals: dict[int, float] = {}
     nonfinite_run = skipped_total = 0
+    resume_from = -1  # the metrics files start afresh unless a checkpoint is restored
     if cfg.checkpoint.resume:
         restored = ckpt.restore(abstract_state(state, shardings))
         if restored is not None:
+            resume_from = restored.step
             state = restored.state
             loader.set_state(restored.data)
             history = _unjson_history(restored.metrics["history"])
@@ -163,7 +167,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
                 log.warning("resuming from %s step %d with a config that differs from the saved one",
                             cfg.checkpoint_dir, restored.step)
             if is_main_process():
-                print(f"resumed from {cfg.checkpoint_dir} at step {restored.step}", flush=True)
+                log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
     start = int(state.step)
     rows_per_eval_batch = cfg.data.prompts_per_step
     eval_key = jax.random.fold_in(state.key(), 2**31 - 1)
@@ -183,12 +187,16 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
         sink.write(step, row)
 
     def save(step: int, force: bool = False) -> None:
+        if not ckpt.due(step, force=force):  # the history JSON is built only for an actual save
+            return
         ckpt.save(step, state, data=loader.get_state(), config=to_dict(cfg), force=force,
                   metrics={"history": _json_history(history), "evals": {str(k): v for k, v in evals.items()},
                            "nonfinite_run": nonfinite_run, "skipped_total": skipped_total})
 
     lg = cfg.logging
-    sink = MetricsSink(out_dir, stdout=lg.stdout, jsonl=lg.jsonl, tensorboard=lg.tensorboard)
+    # Rows and events that a killed run wrote after the restored step are dropped first.
+    sink = MetricsSink(out_dir, stdout=lg.stdout, jsonl=lg.jsonl, tensorboard=lg.tensorboard,
+                       resume_from=resume_from)
     acc = PairAccumulator()
     preempted = False
     flag = PreemptionFlag()
@@ -205,7 +213,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
                 prompts = next(loader)
             except StopIteration:
                 if is_main_process():
-                    print(f"data exhausted after data.epochs={cfg.data.epochs} at step {step}", flush=True)
+                    log.info("data exhausted after data.epochs=%d at step %d", cfg.data.epochs, step)
                 break
             if jax.process_count() > 1:  # global arrays; one process keeps NumPy (jit places it)
                 prompts = place_rows(prompts, mesh)
@@ -241,8 +249,8 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
                 save(step + 1, force=True)
                 ckpt.wait()
                 if is_main_process():
-                    print(f"preempted (signal {flag.received}): saved step {step + 1} to {cfg.checkpoint_dir}",
-                          flush=True)
+                    log.warning("preempted (signal %s): saved step %d to %s", flag.received, step + 1,
+                                cfg.checkpoint_dir)
                 preempted = True
                 break
         bar.close()
