@@ -41,7 +41,14 @@ from topd_jax.losses.candidates import (
 # ---------------------------------------------------------------------------
 # Optimal transport between two short futures
 # ---------------------------------------------------------------------------
-from topd_jax.losses.transport import cosine_cost, margin_w1, ot_distance, sinkhorn_plan
+from topd_jax.losses.transport import (
+    OT_SOLVERS,
+    cosine_cost,
+    exact_plan,
+    margin_w1,
+    ot_distance,
+    sinkhorn_plan,
+)
 
 # ---------------------------------------------------------------------------
 # TOPD assembly: suppression, guidance, L_OPD_w + λ·L_traj
@@ -74,6 +81,7 @@ from topd_jax.losses.grpo import (
 
 __all__ = [
     "ADVANTAGE_SCALES",
+    "OT_SOLVERS",
     "AGGREGATION_MODES",
     "DIVERGENCE_KINDS",
     "KL_ESTIMATORS",
@@ -84,6 +92,7 @@ __all__ = [
     "common_vocab_size",
     "cosine_cost",
     "divergence_from_logp",
+    "exact_plan",
     "false_alarms",
     "group_advantages",
     "kl_to_reference",
