@@ -64,6 +64,16 @@ from topd_jax.losses.topd import (
 )
 
 # ---------------------------------------------------------------------------
+# Measuring the detector: the teacher-null false-alarm rule, AUROC, label metrics
+# ---------------------------------------------------------------------------
+from topd_jax.losses.detection import (
+    FALSE_ALARM_RULES,
+    auroc,
+    detector_label_metrics,
+    teacher_null_false_alarms,
+)
+
+# ---------------------------------------------------------------------------
 # GRPO / TAPO: group advantages, clipped surrogate, aggregation, KL, OTS weights
 # ---------------------------------------------------------------------------
 from topd_jax.losses.grpo import (
@@ -81,16 +91,19 @@ from topd_jax.losses.grpo import (
 
 __all__ = [
     "ADVANTAGE_SCALES",
+    "FALSE_ALARM_RULES",
     "OT_SOLVERS",
     "AGGREGATION_MODES",
     "DIVERGENCE_KINDS",
     "KL_ESTIMATORS",
     "aggregate",
+    "auroc",
     "chunked_opd_loss",
     "chunked_token_divergence",
     "clipped_surrogate",
     "common_vocab_size",
     "cosine_cost",
+    "detector_label_metrics",
     "divergence_from_logp",
     "exact_plan",
     "false_alarms",
@@ -111,6 +124,7 @@ __all__ = [
     "select_guidance_points",
     "sinkhorn_plan",
     "suppression_weights",
+    "teacher_null_false_alarms",
     "token_divergence",
     "token_entropy",
     "topd_loss",
