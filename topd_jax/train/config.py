@@ -208,8 +208,6 @@ class LossConfig(_Checked):
     estimator: Literal["full_vocab", "sampled_token"] = opt(
         "full_vocab", "full-vocabulary divergence, or log p_s(y_t) - log p_T(y_t) as a "
         "per-token policy-gradient reward (Tinker style)")
-    top_k_logits: int | None = opt(None, "approximate the divergence on the teacher's top-k "
-                                   "logits (None: exact)", _positive)
     kd_temperature: float = opt(1.0, "temperature applied to both models' logits", _positive)
     vocab_chunk: int | None = opt(None, "chunk the vocabulary when scoring (None: whole)",
                                   _positive)

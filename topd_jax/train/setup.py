@@ -180,9 +180,6 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
     else:
         teacher = model_plan(cfg.teacher, "teacher", teacher_path, cfg.seed + 1)
         _check_vocab(student, teacher)
-    if cfg.loss.top_k_logits is not None:
-        raise RunSetupError("loss.top_k_logits: the top-k logit approximation is not implemented in the "
-                            "trainer yet; leave it None (exact full-vocabulary divergence)")
     if cfg.topd.ot_solver != "sinkhorn":
         raise RunSetupError(f"topd.ot_solver={cfg.topd.ot_solver!r}: only 'sinkhorn' is implemented")
     if cfg.data.source == "synthetic":
