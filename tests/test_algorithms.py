@@ -98,9 +98,10 @@ VARIANTS = {
     "topd_ot": ["algorithm=topd"],
     "topd_kl_window": ["algorithm=topd", "topd.detector=kl_window", "topd.guidance_decay=0.9"],
     "topd_margin_w1": ["algorithm=topd", "topd.detector=margin_w1", "topd.guidance_target=teacher_tokens"],
-    "topd_high_divergence_suffix": ["algorithm=topd", "topd.suppression=high_divergence",
-                                    "topd.reuse_student_suffix=true", "topd.candidate_mode=quantile",
-                                    "topd.guidance_target=student_positions", "topd.max_guided_points=none"],
+    "topd_quantile_suffix": ["algorithm=topd", "topd.reuse_student_suffix=true", "topd.candidate_mode=quantile",
+                             "topd.guidance_target=student_positions", "topd.max_guided_points=none"],
+    # the paper's ablation: high-divergence suppression, no guidance (guidance + it: config error)
+    "opd_high_divergence": ["topd.suppression=high_divergence", "topd.detector=kl_window"],
     "warmup": ["algorithm=warmup"],
 }
 

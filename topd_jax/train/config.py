@@ -235,12 +235,27 @@ class TopdConfig(_Checked):
                                 "and reuse its residuals for the OPD gradient, instead of a "
                                 "separate no-gradient pass (needs optim.micro_batches=1 and the "
                                 "full_vocab estimator; otherwise the separate pass runs)")
-    ot_solver: Literal["sinkhorn", "exact"] = opt("sinkhorn", "OT solver (ot_embedding)")
+    ot_solver: Literal["sinkhorn", "sinkhorn_divergence", "exact"] = opt(
+        "sinkhorn", "OT solver (ot_embedding): sinkhorn <P_eps, C> (biased up by as much as "
+        "eps*ln K), sinkhorn_divergence (debiased: OT(a,b) - OT(a,a)/2 - OT(b,b)/2, 0 for "
+        "identical windows), exact (SciPy assignment / LP on the host)")
+    ot_embedding: Literal["student", "student_initial", "teacher"] = opt(
+        "student", "embedding table of the OT cost (ot_embedding): the current student's "
+        "(changes every step), the initial student's, or the teacher's (both frozen: D is "
+        "comparable across steps and runs)")
+    ot_window_end: Literal["shorten", "pad_eos"] = opt(
+        "shorten", "a continuation that stops before K tokens: shorten (uniform mass over its "
+        "tokens; a late mismatch weighs more) or pad_eos (pad it with eos to K tokens, so an "
+        "early stop is itself a mismatch)")
     sinkhorn_epsilon: float = opt(0.05, "entropic regularisation (sinkhorn)", _positive)
     sinkhorn_iters: int = opt(200, "Sinkhorn iterations", _positive)
     margin_samples: int = opt(4, "N continuations per side (margin_w1)", _positive)
     false_alarm_quantile: float = opt(0.3, "candidates with D_t at or below this quantile "
                                       "(over the batch) are false alarms", _unit)
+    false_alarm_rule: Literal["quantile", "teacher_null"] = opt(
+        "quantile", "quantile: the false_alarm_quantile rule (its share of candidates is q by "
+        "definition); teacher_null: D(teacher, student) <= D(teacher, teacher') from the same "
+        "prefix (a measured share; needs detector=ot_embedding, continuations_per_side >= 2)")
     suppression: Literal["default", "none", "false_alarms", "high_divergence"] = opt(
         "default", "which candidates get weight s in the OPD loss; default: false_alarms "
         "for topd, none for opd (set false_alarms on opd for OPD+suppression; "
@@ -256,6 +271,17 @@ class TopdConfig(_Checked):
     guidance_target: Literal["teacher_kl", "teacher_tokens", "student_positions"] = opt(
         "teacher_kl", "forward KL on the teacher's continuation, NLL of its tokens, or "
         "targets on the student's own future positions")
+
+    def _validate(self):
+        if self.false_alarm_rule == "teacher_null":
+            if self.detector != "ot_embedding":
+                raise ConfigError("false_alarm_rule", f"teacher_null compares two teacher "
+                                  f"continuations by OT: needs detector=ot_embedding, got "
+                                  f"detector={self.detector!r}")
+            if self.continuations_per_side < 2:
+                raise ConfigError("false_alarm_rule", f"teacher_null needs a second teacher "
+                                  f"sample: continuations_per_side >= 2, got "
+                                  f"{self.continuations_per_side}")
 
 
 @dataclass(frozen=True)
@@ -452,6 +478,11 @@ class RunConfig(_Checked):
         if self.algorithm == "sft" and self.data.source != "files":
             raise ConfigError("data.source", "algorithm=sft trains on the files' responses; "
                               f"got data.source={self.data.source!r}")
+        if self.uses_guidance and self.suppression == "high_divergence":
+            raise ConfigError("topd.suppression", "high_divergence suppresses the candidates "
+                              "guidance would pick (the most divergent ones); the paper's "
+                              "ablation has no guidance: set topd.guidance=false or "
+                              "algorithm=opd")
         if self.algorithm == "warmup" and self.loss.estimator == "sampled_token":
             raise ConfigError("loss.estimator", "the warm-up stage trains on teacher samples; "
                               "the sampled-token estimator is on-policy only")

@@ -180,8 +180,12 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
     else:
         teacher = model_plan(cfg.teacher, "teacher", teacher_path, cfg.seed + 1)
         _check_vocab(student, teacher)
-    if cfg.topd.ot_solver != "sinkhorn":
-        raise RunSetupError(f"topd.ot_solver={cfg.topd.ot_solver!r}: only 'sinkhorn' is implemented")
+    for key, value, wired in (("ot_solver", cfg.topd.ot_solver, ("sinkhorn",)),
+                              ("ot_embedding", cfg.topd.ot_embedding, ("student",)),
+                              ("ot_window_end", cfg.topd.ot_window_end, ("shorten",)),
+                              ("false_alarm_rule", cfg.topd.false_alarm_rule, ("quantile",))):
+        if value not in wired:  # losses has them; the trainer does not use them yet
+            raise RunSetupError(f"topd.{key}={value!r}: the trainer implements only {wired}")
     if cfg.data.source == "synthetic":
         text = _synthetic_text(cfg)
         fmt = None  # the synthetic prompt is the model input
