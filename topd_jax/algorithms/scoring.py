@@ -109,15 +109,28 @@ def token_logprobs_entropy(hidden: jax.Array, head: jax.Array, ids: jax.Array, m
     return jnp.where(valid, logp, 0.0), jnp.where(valid, entropy, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_jit(graphdef, state, ids, mask):
-    return hidden_states(nnx.merge(graphdef, state), ids, mask)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward_jit(graphdef, state, ids, mask, row_groups):
+    if row_groups == 1:
+        return hidden_states(nnx.merge(graphdef, state), ids, mask)
+    rows, length = ids.shape
+    # Strided groups (group j = rows j, j + row_groups, ...): each group spreads over every
+    # device the rows are sharded on, so every device runs 1 / row_groups of its rows at a time.
+    ids_g = ids.reshape(rows // row_groups, row_groups, length).swapaxes(0, 1)
+    mask_g = mask.reshape(rows // row_groups, row_groups, length).swapaxes(0, 1)
+    out = jax.lax.map(lambda x: hidden_states(nnx.merge(graphdef, state), *x), (ids_g, mask_g))
+    return out.swapaxes(0, 1).reshape(rows, length, -1)
 
 
-def forward_hidden(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Jitted ``hidden_states`` of a (frozen) model: ``[rows, L, d]``."""
+def forward_hidden(model, ids: jax.Array, mask: jax.Array, *, row_groups: int = 1) -> jax.Array:
+    """Jitted ``hidden_states`` of a (frozen) model: ``[rows, L, d]``. ``row_groups`` > 1 runs
+    the forward on that many groups of rows one after another (``lax.map``), so a layer's
+    activations are live for rows / row_groups rows only (the warm-up's long teacher rows)."""
+    rows = ids.shape[0]
+    if row_groups < 1 or rows % row_groups:
+        raise ValueError(f"row_groups={row_groups} must be >= 1 and divide the {rows} rows of ids {ids.shape}")
     graphdef, state = nnx.split(model)
-    return _forward_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
+    return _forward_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool), row_groups)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("temperature", "chunk"))
