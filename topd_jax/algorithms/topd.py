@@ -16,6 +16,7 @@ One step, after the OPD rollouts and teacher scoring (opd.py):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -88,6 +89,12 @@ def token_loss(cfg: RunConfig, student, rows: dict, teacher_hidden, teacher_head
                            temperature=cfg.loss.kd_temperature, chunk=chunk)
 
 
+def quantile_slot_count(length: int, quantile: float) -> int:
+    """The most positions of a ``length``-token row strictly above its ``quantile`` (linear
+    interpolation over n <= length valid values: at most n - 1 - floor(q (n - 1))), at least 1."""
+    return max(length - 1 - math.floor(quantile * (length - 1)), 1)
+
+
 @functools.partial(jax.jit, static_argnames=("mode", "num", "min_separation", "quantile", "rollback"))
 def candidate_slots(loss, loss_mask, *, mode: str, num: int, min_separation: int, quantile: float,
                     rollback: int):
@@ -97,14 +104,15 @@ def candidate_slots(loss, loss_mask, *, mode: str, num: int, min_separation: int
     loss first), ``valid [R, C]``, ``branch_at [R, C]`` = the branch column (``pos - rollback
     + 1``, at least the first completion column). Invalid slots point at the first completion
     column so that every slot is a legal branch point; their results are masked.
-    ``quantile`` mode keeps the C highest of the positions above the row's q-quantile.
+    ``top_c`` mode: C = ``num`` slots. ``quantile`` mode: every position above the row's
+    q-quantile (TOPD.md §2; ``num`` is ignored), C = ``quantile_slot_count(L, q)`` slots.
     """
     valid_tok = loss_mask.astype(bool)
     if mode == "top_c":
         cand = select_candidates(loss, valid_tok, num=num, min_separation=max(min_separation, 1))
     else:
-        above = select_candidates_quantile(loss, valid_tok, quantile=quantile)
-        cand = select_candidates(loss, above, num=num, min_separation=1)
+        cand = select_candidates_quantile(loss, valid_tok, quantile=quantile)
+        num = quantile_slot_count(loss.shape[1], quantile)
     _, pos = lax.top_k(jnp.where(cand, loss, -jnp.inf), num)
     valid = jnp.take_along_axis(cand, pos, axis=1)
     first = jnp.argmax(valid_tok, axis=1)[:, None]  # [R, 1] first completion column
