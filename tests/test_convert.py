@@ -204,12 +204,16 @@ def test_export_refuses_a_directory_that_holds_weights(hf_dir):
 
 
 def test_cli_help_documents_both_directions(capsys):
-    with pytest.raises(SystemExit):
-        convert(["--help"])
+    assert convert(["--help"]) == 0
     text = capsys.readouterr().out
     assert "hf-to-native" in text and "native-to-hf" in text
 
 
-def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
-    assert convert(["hf-to-native", "Qwen/Qwen3-4B", str(tmp_path / "x")]) == 1
-    assert "hub id" in capsys.readouterr().err
+def test_cli_reports_bad_input_in_one_line_with_exit_2(tmp_path, capsys):
+    assert convert(["hf-to-native", "Qwen/Qwen3-4B", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "hub id" in err and "Traceback" not in err
+    assert convert(["native-to-hf", str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
+    assert "missing" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert convert(["hf-to-nativ", "a", "b"]) == 2  # argparse: invalid choice
+    assert "invalid choice: 'hf-to-nativ'" in capsys.readouterr().err

@@ -41,11 +41,13 @@ def data_file(tmp_path_factory):
 
 
 def _run(model_dir, data_file, out, batch_size):
-    return main([
+    """The command in-process; returns the summary it returned and wrote."""
+    assert main([
         "--model", str(model_dir), "--data", str(data_file), "--out", str(out),
         "--samples", "2", "--max-new-tokens", str(MAX_NEW), "--batch-size", str(batch_size),
         "--template", "qwen-chat", "--thinking", "off", "--seed", "59", "--no-progress",
-    ])
+    ]) == 0
+    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,6 @@ def test_command_writes_samples_summary_and_table(run_b2, capsys):
     assert len(lines) == 3 * 2
     pairs = {(f"t{i}", j) for i in range(3) for j in range(2)}
     assert {(x["id"], x["sample"]) for x in lines} == pairs
-    assert json.loads((out / "summary.json").read_text()) == summary
     s = summary["datasets"]["toy"]
     assert s["problems"] == 3 and s["samples_per_problem"] == 2
     assert s["pass@1"] == pytest.approx(sum(x["correct"] for x in lines) / 6)
@@ -89,16 +90,37 @@ def test_samples_do_not_depend_on_batch_size(run_b2, model_dir, data_file, tmp_p
     assert [x["completion"] for x in a] == [x["completion"] for x in b]
 
 
-def test_bad_flags_are_refused(model_dir, data_file, tmp_path):
-    with pytest.raises(SystemExit, match="--samples must be >= 1"):
-        main(["--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path),
-              "--samples", "0"])
-    with pytest.raises(SystemExit, match="qwen-chat only"):
-        main(["--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path),
-              "--template", "paper", "--thinking", "off"])
-    with pytest.raises(SystemExit, match="--ks values"):
-        main(["--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path),
-              "--samples", "2", "--ks", "4"])
+@pytest.mark.parametrize("flags, message", [
+    (["--samples", "0"], "--samples must be >= 1, got 0"),
+    (["--template", "paper", "--thinking", "off"], "--thinking/--system apply to --template qwen-chat only"),
+    (["--samples", "2", "--ks", "4"], "--ks values must be in 1..--samples=2, got [4]"),
+    (["--ks", "1,x"], "--ks takes comma-separated integers, got '1,x'"),
+])
+def test_bad_flags_are_one_line_errors_with_exit_2(model_dir, data_file, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--data", str(data_file), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n" and not out.exists()
+
+
+def test_bad_data_or_model_path_is_one_line_error_not_a_traceback(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "no_such.jsonl"
+    assert main(["--model", str(model_dir), "--data", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data path") and str(missing) in err and err.count("\n") == 1
+    assert main(["--model", str(tmp_path / "no_model"), "--data", str(data_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no_model" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unknown_flag_is_a_usage_error_and_help_exits_zero(capsys):
+    assert main(["--model", "m", "--data", "d", "--out", "o", "--sample", "3"]) == 2
+    assert "unrecognized arguments: --sample 3" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(f in text for f in ("--model", "--data", "--out", "--samples", "--ks", "--log-level"))
 
 
 def test_pad_batch_left_pads_to_a_multiple():

@@ -46,3 +46,13 @@ def test_bad_rates_and_records_name_the_value(tmp_path, capsys):
     assert main(["--samples", str(samples), "--data", str(data), "--out", str(tmp_path / "o"),
                  "--min-pass", "7/8", "--max-pass", "1/8"]) == 2
     assert "--min-pass 7/8 > --max-pass 1/8" in capsys.readouterr().err
+
+
+def test_missing_samples_file_and_bad_flags_exit_2_without_a_traceback(tmp_path, capsys):
+    data, _ = _write(tmp_path, {"a": 1})
+    missing = tmp_path / "nope.jsonl"
+    assert main(["--samples", str(missing), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: --samples {str(missing)!r} does not exist\n"
+    assert main(["--samples", str(missing), "--data", str(data)]) == 2  # --out missing: argparse
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "--allow-missing" in capsys.readouterr().out

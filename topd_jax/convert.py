@@ -6,6 +6,10 @@
 Both directions stream tensor by tensor and keep the stored dtype unless --dtype says
 otherwise, so HF -> native -> HF reproduces the original tensors exactly. Weights must be
 local: a hub id is refused (nothing is downloaded).
+
+Exit status (``topd_jax.cli_common``): 0 written; 2 bad flag or input (a missing source, a
+hub id, a destination that already holds a checkpoint, a malformed checkpoint); 1 a failure
+while writing.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from topd_jax.cli_common import UsageError, add_log_level, run_command, setup_logging
 
 DESCRIPTION = __doc__
 
@@ -49,7 +55,8 @@ def _stored_dtype(hf_cfg: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m topd_jax.convert", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    add_log_level(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-native", help="HF directory (config.json + *.safetensors) -> native Orbax checkpoint")
     a.add_argument("src", type=Path, help="local HF checkpoint directory")
@@ -68,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    setup_logging(args.log_level)
+    try:  # reading the source and checking the destination: bad input
         args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError(e) from None
     return 0
 
 

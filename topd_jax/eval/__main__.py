@@ -3,4 +3,4 @@
 from topd_jax.eval.cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

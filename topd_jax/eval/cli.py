@@ -8,6 +8,10 @@ checkpoints (``--tokenizer DIR`` then names the tokenizer). Writes OUT/samples.j
 OUT/summary.json (config, seed rule, template, per-dataset and average metrics, timing) and
 OUT/summary.txt, and prints the table.
 
+Exit status (``topd_jax.cli_common``): 0 done; 2 a bad flag or input (a missing or malformed
+data file, model or tokenizer directory: one ``error:`` line, nothing written); 1 a failure
+while sampling or grading.
+
 Randomness: sample j of problem i (i counts over all datasets in --data order) is drawn with
 row key ``fold_in(fold_in(key(seed), i), j)``, so each sample is reproducible whatever the
 batch size.
@@ -17,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from topd_jax.cli_common import UsageError, add_log_level, run_command, setup_logging
 from topd_jax.data.templates import TEMPLATE_NAMES, PromptTemplate
 
 SEED_RULE = "row key of (problem i, sample j) = fold_in(fold_in(jax.random.key(seed), i), j)"
@@ -28,8 +32,9 @@ SEED_RULE = "row key of (problem i, sample j) = fold_in(fold_in(jax.random.key(s
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m topd_jax.eval",
-        description="Math reasoning evaluation with verified answers (math-verify).",
+        prog="python -m topd_jax.eval", allow_abbrev=False,
+        description="Math reasoning evaluation with verified answers (math-verify). Exit status: "
+                    "0 done, 2 bad flag or input (nothing written), 1 failure while sampling.",
     )
     p.add_argument("--model", required=True, help="local HF model directory or our checkpoint")
     p.add_argument("--data", required=True, help="JSONL file(s) or directories,"
@@ -54,13 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated k for pass@k / maj@k (default: powers of 2 and n)")
     p.add_argument("--timeout-s", type=float, default=5.0, help="grading budget per item")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_level(p)
     return p
 
 
 def _template(args) -> PromptTemplate:
     if args.template == "paper":
         if args.thinking != "on" or args.system is not None:
-            raise SystemExit("--thinking/--system apply to --template qwen-chat only")
+            raise UsageError("--thinking/--system apply to --template qwen-chat only")
         return PromptTemplate("paper")
     return PromptTemplate("qwen-chat", thinking=args.thinking == "on", system=args.system)
 
@@ -68,11 +74,11 @@ def _template(args) -> PromptTemplate:
 def _validate(args) -> None:
     for name in ("samples", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"--limit must be >= 1, got {args.limit}")
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if not 0.0 <= args.top_p <= 1.0 or args.temperature < 0 or args.top_k < 0:
-        raise SystemExit(
+        raise UsageError(
             f"need temperature >= 0, 0 <= top-p <= 1, top-k >= 0; got {args.temperature},"
             f" {args.top_p}, {args.top_k}"
         )
@@ -93,13 +99,35 @@ def stop_token_ids(tokenizer, template: PromptTemplate) -> list[int]:
     return ids
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def _ks(args) -> list[int] | None:
+    if args.ks is None:
+        return None
+    try:
+        ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    except ValueError:
+        raise UsageError(f"--ks takes comma-separated integers, got {args.ks!r}") from None
+    if any(not 1 <= k <= args.samples for k in ks):
+        raise UsageError(f"--ks values must be in 1..--samples={args.samples}, got {ks}")
+    return ks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: exit status 0, 2 (bad flag or input) or 1 (see the module docstring)."""
+    def body(args: list[str]) -> int:
+        evaluate(args)
+        return 0
+    return run_command(body, argv)
+
+
+def evaluate(argv: Sequence[str]) -> dict:
+    """Run the evaluation that the command line ``argv`` describes; returns the summary that
+    is also written to OUT/summary.json. Bad input raises ``UsageError`` (argparse's own
+    errors: ``SystemExit(2)``)."""
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     _validate(args)
     template = _template(args)
-    ks = None if args.ks is None else [int(k) for k in args.ks.split(",") if k.strip()]
-    if ks is not None and any(not 1 <= k <= args.samples for k in ks):
-        raise SystemExit(f"--ks values must be in 1..--samples={args.samples}, got {ks}")
+    ks = _ks(args)
 
     # math-verify warns once that its own (signal) timeouts are off: ours replace them.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -110,15 +138,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from topd_jax.eval.runner import run_eval
     from topd_jax.models import load_pretrained
 
-    datasets = {}
-    for path in resolve_data_files(args.data):
-        if path.stem in datasets:
-            raise SystemExit(f"two data files are named {path.stem!r}; rename one")
-        items = read_math_jsonl(path)
-        datasets[path.stem] = items[: args.limit] if args.limit else items
-
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_pretrained(args.model, dtype=args.dtype)
+    try:  # inputs: a missing or malformed file or directory is bad input (exit 2)
+        datasets = {}
+        for path in resolve_data_files(args.data):
+            if path.stem in datasets:
+                raise UsageError(f"two data files are named {path.stem!r}; rename one")
+            items = read_math_jsonl(path)
+            datasets[path.stem] = items[: args.limit] if args.limit else items
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        model = load_pretrained(args.model, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(e) from None
     generate = make_generate_fn(
         model, tokenizer, seed=args.seed, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -139,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "dtype": args.dtype,
         "eos_ids": stop_token_ids(tokenizer, template),
         "grading_timeout_s": args.timeout_s,
-        "argv": list(sys.argv[1:] if argv is None else argv),
+        "argv": list(argv),
     }
     summary = run_eval(
         datasets, template=template, generate=generate, samples=args.samples,

@@ -12,18 +12,21 @@ The output keeps each kept record's ``id``, ``problem`` and ``answer`` and adds
 ``pass_rate``; the summary line counts kept, too easy, too hard and unsampled prompts.
 Problems of ``--data`` without samples are an error unless ``--allow-missing`` (then they
 are dropped and counted). Works with JSONL and (verl) parquet prompt files.
+
+Exit status (``topd_jax.cli_common``): 0 written; 2 a bad flag or input (a missing or
+malformed file, a bad rate, unsampled problems without ``--allow-missing``; nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from topd_jax.cli_common import UsageError, add_log_level, run_command, setup_logging
 from topd_jax.data.prompts import read_records
 
 
@@ -80,8 +83,8 @@ def filter_file(data: str | Path, rates: dict[tuple[str, str], tuple[int, int]],
     return kept, counts
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m topd_jax.eval.pass_filter",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m topd_jax.eval.pass_filter", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", required=True, help="samples.jsonl written by python -m topd_jax.eval")
     p.add_argument("--data", required=True, help="the prompt file that was sampled (JSONL or parquet)")
@@ -89,7 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-pass", default="7/8", help="highest pass rate kept (default 7/8)")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--allow-missing", action="store_true", help="drop problems without samples")
-    args = p.parse_args(argv)
+    add_log_level(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     try:
         lo, hi = parse_rate(args.min_pass), parse_rate(args.max_pass)
         if lo > hi:
@@ -101,8 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rates = pass_rates(f, where=str(samples))
         kept, counts = filter_file(args.data, rates, lo=lo, hi=hi, allow_missing=args.allow_missing)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(e) from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")  # no half-written output on interrupt
