@@ -162,3 +162,59 @@ def test_summary_lines_go_through_tqdm_write_so_a_bar_is_redrawn(tmp_path, monke
     with MetricsSink(tmp_path, process_index=0, stream=stream, jsonl=False, tensorboard=False) as sink:
         sink.write(4, {"loss": 0.5})
     assert calls == [("step 4 | loss 0.5", stream)]
+
+
+class _FakeWandb:
+    """Stands in for the ``wandb`` module: records init / log / finish."""
+
+    def __init__(self):
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self
+
+    def log(self, values, step):
+        self.calls.append(("log", dict(values), step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_wandb_gets_the_reduced_rows_when_on_and_is_not_imported_when_off(tmp_path, monkeypatch):
+    import sys
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    init = {"project": "p", "entity": None, "name": "n", "config": {"steps": 2}, "dir": str(tmp_path)}
+    with MetricsSink(tmp_path, process_index=0, stream=io.StringIO(), wandb=init) as sink:
+        sink.write(1, {"loss": (3.0, 2), "lr": 1e-3})
+        sink.write(2, {"loss": (float("nan"), 0)})
+    assert fake.calls[0] == ("init", init)
+    assert fake.calls[1] == ("log", {"loss": 1.5, "lr": 1e-3}, 1)
+    assert fake.calls[2][0] == "log" and fake.calls[2][2] == 2 and math.isnan(fake.calls[2][1]["loss"])
+    assert fake.calls[3:] == [("finish",)]
+    fake.calls.clear()
+    with MetricsSink(tmp_path / "off", process_index=0, stream=io.StringIO()) as sink:  # default: off
+        sink.write(1, {"loss": 1.0})
+    with MetricsSink(tmp_path / "p1", process_index=1, wandb=init) as sink:  # not process 0
+        sink.write(1, {"loss": 1.0})
+    assert fake.calls == []
+
+
+def test_wandb_on_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from topd_jax.train.metrics import WandbMissingError
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(WandbMissingError, match=r"logging.wandb=true needs the wandb package.*logging.wandb=false"):
+        MetricsSink(tmp_path, process_index=0, wandb={"project": "p"})
+
+
+def test_the_loop_passes_project_entity_name_and_the_config_to_wandb(tmp_path):
+    from tests._train_tiny import tiny_config
+    from topd_jax.train.config_loader import to_dict
+    from topd_jax.train.loop import wandb_init
+    assert wandb_init(tiny_config(tmp_path), tmp_path) is None  # off by default
+    cfg = tiny_config(tmp_path, "logging.wandb=true", "logging.wandb_project=topd", "logging.wandb_name=run1")
+    assert wandb_init(cfg, tmp_path) == {"project": "topd", "entity": None, "name": "run1",
+                                         "config": to_dict(cfg), "dir": str(tmp_path)}

@@ -102,3 +102,11 @@ def test_prompt_files_run_end_to_end_with_chunked_scoring_and_math_grading(tmp_p
     result = train(cfg)
     assert np.isfinite(result.history[-1]["loss"]) and result.evals[2] == 0.0  # random model: nothing boxed
     assert (result.hf_dir / "tokenizer.json").is_file()
+
+
+def test_wandb_on_without_the_package_is_refused_before_anything_runs(capsys, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    rc, err, out = _run(capsys, tmp_path, "logging.wandb=true")
+    assert rc == 2 and "logging.wandb=true needs the wandb package" in err and err.count("\n") == 1
+    assert not out.exists()

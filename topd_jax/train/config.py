@@ -381,6 +381,11 @@ class LoggingConfig(_Checked):
     jsonl: bool = opt(True, "<output_dir>/metrics.jsonl")
     tensorboard: bool = opt(True, "TensorBoard event file under <output_dir>/tb")
     progress_bar: bool = opt(True, "tqdm progress bar")
+    wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`; a new W&B "
+                      "run per start, so a resumed run's rows begin after the restored step)")
+    wandb_project: str | None = opt(None, "W&B project (None: wandb's default / WANDB_PROJECT)")
+    wandb_entity: str | None = opt(None, "W&B entity (None: wandb's default / WANDB_ENTITY)")
+    wandb_name: str | None = opt(None, "W&B run name (None: wandb picks one)")
 
 
 @dataclass(frozen=True)

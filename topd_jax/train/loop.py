@@ -196,7 +196,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     lg = cfg.logging
     # Rows and events that a killed run wrote after the restored step are dropped first.
     sink = MetricsSink(out_dir, stdout=lg.stdout, jsonl=lg.jsonl, tensorboard=lg.tensorboard,
-                       resume_from=resume_from)
+                       resume_from=resume_from, wandb=wandb_init(cfg, out_dir))
     acc = PairAccumulator()
     preempted = False
     flag = PreemptionFlag()
@@ -270,6 +270,15 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
         hf_dir = export_hf(model, out_dir / "student_hf", plan)
     return TrainResult(out_dir, history, evals, state, model, final, preempted, skipped_total,
                        plan.skipped_prompts, hf_dir, extras={"eval_reflection": eval_reflection})
+
+
+def wandb_init(cfg: RunConfig, out_dir: Path) -> dict[str, Any] | None:
+    """``wandb.init`` keyword arguments for ``logging.wandb`` (None when it is off)."""
+    lg = cfg.logging
+    if not lg.wandb:
+        return None
+    return dict(project=lg.wandb_project, entity=lg.wandb_entity, name=lg.wandb_name,
+                config=to_dict(cfg), dir=str(out_dir))
 
 
 def export_hf(model, directory: Path, plan: RunPlan) -> Path:

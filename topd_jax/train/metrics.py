@@ -1,4 +1,5 @@
-"""One metrics sink: stdout summary, JSONL and TensorBoard; only process 0 writes.
+"""One metrics sink: stdout summary, JSONL, TensorBoard and (optional) W&B; only process 0
+writes.
 
 Metrics travel as ``(sum, count)`` pairs (the losses' contract) and are reduced once, as
 ``Σ sum / Σ count``, when written: averaging over micro-batches, devices, hosts and log
@@ -9,6 +10,10 @@ steps of a log interval.
 TensorBoard: a small built-in writer of scalar event files (TFRecord framing + the
 ``Event``/``Summary`` protobuf wire format, written by hand) — neither tensorboardX nor
 TensorFlow is a dependency.
+
+Weights & Biases (``logging.wandb``, off by default): ``wandb`` is imported only when it is
+on and is never a dependency; each ``write`` is one ``run.log(values, step=step)``. W&B's
+history cannot be rewound, so every start is a new W&B run.
 
 Resume: ``MetricsSink(..., resume_from=s)`` first drops what an earlier (killed) run wrote
 after step ``s`` — the rows of ``metrics.jsonl`` and the events of ``tb/`` with a step
@@ -83,18 +88,21 @@ class MetricsSink:
         everything and append).
       stream: where the ``stdout`` summary lines go (default ``sys.stdout``); they are written
         with ``tqdm.write``, so a progress bar on the terminal stays intact.
+      wandb: keyword arguments of ``wandb.init`` (project, entity, name, config, ...) to mirror
+        every write to a W&B run; None (default): no W&B, and ``wandb`` is not imported.
     """
 
     def __init__(self, output_dir: str | Path, *, stdout: bool = True, jsonl: bool = True,
                  tensorboard: bool = True, process_index: int | None = None,
-                 stream: IO[str] | None = None, resume_from: int | None = None):
+                 stream: IO[str] | None = None, resume_from: int | None = None,
+                 wandb: Mapping[str, Any] | None = None):
         if process_index is None:
             import jax
             process_index = jax.process_index()
         self.active = process_index == 0
         self.output_dir = Path(output_dir)
         self._stdout, self._stream = stdout, stream if stream is not None else sys.stdout
-        self._jsonl = self._tb = None
+        self._jsonl = self._tb = self._wandb = None
         if self.active and (jsonl or tensorboard):
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.active and resume_from is not None:
@@ -109,6 +117,8 @@ class MetricsSink:
         if self.active and tensorboard:
             self._tb = TensorBoardWriter(self.output_dir / "tb",
                                          purge_step=None if resume_from is None else resume_from + 1)
+        if self.active and wandb is not None:
+            self._wandb = WandbRun(**wandb)
 
     def write(self, step: int, metrics: Mapping[str, Value]) -> dict[str, float]:
         """Reduce and write one step's metrics; returns the reduced values."""
@@ -125,13 +135,15 @@ class MetricsSink:
             self._jsonl.flush()
         if self._tb is not None:
             self._tb.scalars(step, values)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
         return values
 
     def close(self) -> None:
-        for f in (self._jsonl, self._tb):
+        for f in (self._jsonl, self._tb, self._wandb):
             if f is not None:
                 f.close()
-        self._jsonl = self._tb = None
+        self._jsonl = self._tb = self._wandb = None
 
     def __enter__(self) -> "MetricsSink":
         return self
@@ -166,6 +178,33 @@ def rewind_jsonl(path: str | Path, through_step: int) -> int:
     if dropped:
         _atomic_write(path, "".join(kept).encode("utf-8"))
     return dropped
+
+
+class WandbMissingError(ImportError):
+    pass
+
+
+def import_wandb():
+    """The ``wandb`` module, or ``WandbMissingError`` saying how to get it or turn it off."""
+    try:
+        import wandb
+    except ImportError:
+        raise WandbMissingError("logging.wandb=true needs the wandb package (pip install wandb, or "
+                                "the topd_jax[wandb] extra); or set logging.wandb=false") from None
+    return wandb
+
+
+class WandbRun:
+    """One W&B run: ``wandb.init(**init)``, ``log`` per write, ``finish`` on close."""
+
+    def __init__(self, **init: Any):
+        self._run = import_wandb().init(**init)
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        self._run.log(dict(values), step=int(step))
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 def format_summary(step: int, values: Mapping[str, float]) -> str:

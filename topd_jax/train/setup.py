@@ -186,6 +186,12 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
                               ("false_alarm_rule", cfg.topd.false_alarm_rule, ("quantile",))):
         if value not in wired:  # losses has them; the trainer does not use them yet
             raise RunSetupError(f"topd.{key}={value!r}: the trainer implements only {wired}")
+    if cfg.logging.wandb:  # optional, never a dependency: fail here, before anything runs
+        from topd_jax.train.metrics import WandbMissingError, import_wandb
+        try:
+            import_wandb()
+        except WandbMissingError as e:
+            raise RunSetupError(str(e)) from None
     if cfg.data.source == "synthetic":
         text = _synthetic_text(cfg)
         fmt = None  # the synthetic prompt is the model input
