@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topd_jax.models.attention import (attention, choose_impl, chunked_attention, merge_partials,
-                                       naive_attention)
+from topd_jax.models.attention import (attention, choose_impl, chunked_attention, cudnn_attention,
+                                       merge_partials, naive_attention, splash_attention)
 
 
 def _qkv(seed, b, t, n, kh, h, s=None, dtype=jnp.float32):
@@ -196,14 +196,14 @@ def test_chunked_training_memory_is_a_quarter_of_the_einsum_at_4096_tokens():
 
 # ------------------------------------------------------------------------------- dispatch
 @pytest.mark.parametrize("backend,dtype,layout,want", [
-    ("gpu", jnp.bfloat16, "prefix", "cudnn"),
-    ("gpu", jnp.float16, "prefix", "cudnn"),
-    ("gpu", jnp.float32, "prefix", "chunked"),  # cuDNN has no float32 flash kernel
-    ("gpu", jnp.bfloat16, "any", "chunked"),  # gaps / left padding: no seq-lengths form
-    ("tpu", jnp.bfloat16, "prefix", "splash"),
-    ("tpu", jnp.float32, "prefix", "splash"),
+    ("gpu", jnp.bfloat16, "causal", "cudnn"),
+    ("gpu", jnp.float16, "causal", "cudnn"),
+    ("gpu", jnp.float32, "causal", "chunked"),  # cuDNN has no float32 flash kernel
+    ("gpu", jnp.bfloat16, "any", "chunked"),  # a cache (q_slots not arange(T)): no fused form
+    ("tpu", jnp.bfloat16, "causal", "splash"),
+    ("tpu", jnp.float32, "causal", "splash"),
     ("tpu", jnp.bfloat16, "any", "chunked"),
-    ("cpu", jnp.bfloat16, "prefix", "chunked"),
+    ("cpu", jnp.bfloat16, "causal", "chunked"),
     ("cpu", jnp.float32, "any", "chunked"),
 ])
 def test_choose_impl_auto(backend, dtype, layout, want):
@@ -211,8 +211,8 @@ def test_choose_impl_auto(backend, dtype, layout, want):
 
 
 def test_choose_impl_auto_uses_chunked_for_decode_and_stats():
-    assert choose_impl("auto", "gpu", jnp.bfloat16, layout="prefix", decode=True) == "chunked"
-    assert choose_impl("auto", "tpu", jnp.bfloat16, layout="prefix", return_stats=True) == "chunked"
+    assert choose_impl("auto", "gpu", jnp.bfloat16, layout="causal", decode=True) == "chunked"
+    assert choose_impl("auto", "tpu", jnp.bfloat16, layout="causal", return_stats=True) == "chunked"
 
 
 def test_choose_impl_explicit_choices_and_errors():
@@ -221,8 +221,8 @@ def test_choose_impl_explicit_choices_and_errors():
     with pytest.raises(ValueError, match="impl='flash'"):
         choose_impl("flash", "cpu", jnp.float32)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
-        choose_impl("cudnn", "gpu", jnp.float32, layout="prefix")
-    with pytest.raises(ValueError, match="layout='prefix'"):
+        choose_impl("cudnn", "gpu", jnp.float32, layout="causal")
+    with pytest.raises(ValueError, match="layout='causal'"):
         choose_impl("splash", "tpu", jnp.float32, layout="any")
 
 
@@ -237,7 +237,89 @@ def test_attention_rejects_bad_shapes_naming_them():
                   kv_mask=jnp.ones((2, 4), bool))
 
 
+def _causal_case(seed, b, t, n, kh, h):
+    q, k, v, w = _qkv(seed, b, t, n, kh, h)
+    rng = np.random.default_rng(seed + 1)
+    mask = np.stack([np.arange(t) >= t // 3, np.arange(t) < t - 5] + [rng.random(t) < 0.7 for _ in range(b - 2)])
+    mask = jnp.asarray(mask)
+    want = naive_attention(q, k, v, q_slots=_causal_slots(b, t), kv_mask=mask)
+    return q, k, v, mask, jnp.where(mask[:, :, None, None], want, 0)  # fused kernels zero padding queries
+
+
+def test_cudnn_row_compaction_equals_the_slot_rule_for_any_key_mask():
+    """The cuDNN path gathers each row's real tokens to the front, runs causal attention with
+    sequence lengths, and scatters back; through jax's xla implementation (same call, CPU) it
+    equals the oracle at real queries for left padding, right padding and gaps."""
+    q, k, v, mask, want = _causal_case(10, 3, 12, 4, 2, 8)
+    got = jax.jit(lambda q, k, v: cudnn_attention(q, k, v, kv_mask=mask, implementation="xla"))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_splash_in_pallas_interpret_mode_equals_the_oracle():
+    """TPU splash attention run by the Pallas interpreter on CPU (T = 200 padded to one 256 block):
+    values and the gradient of q at real queries, with left padding, right padding and gaps."""
+    q, k, v, mask, want = _causal_case(11, 3, 200, 2, 1, 64)
+    run = lambda q: splash_attention(q, k, v, kv_mask=mask, block_q=256, block_kv=256, interpret=True)
+    got, dq = jax.jit(lambda q: (run(q), jax.grad(lambda q: jnp.sum(run(q) ** 2))(q)))(q)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    oracle = lambda q: jnp.where(mask[:, :, None, None], naive_attention(q, k, v, q_slots=_causal_slots(3, 200),
+                                                                         kv_mask=mask), 0)
+    np.testing.assert_allclose(np.asarray(dq), np.asarray(jax.grad(lambda q: jnp.sum(oracle(q) ** 2))(q)),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_cudnn_call_matches_installed_jax_signature():
     params = inspect.signature(jax.nn.dot_product_attention).parameters
     for name in ("is_causal", "query_seq_lengths", "key_value_seq_lengths", "implementation"):
         assert name in params, name
+
+
+# ------------------------------------------------------------------------------- in the model
+def _model_logits_and_grads(impl, ids, mask, *, remat="none", dtype="float32"):
+    from flax import nnx
+
+    from tests._hf_tiny import random_model
+    from topd_jax.models import ModelConfig, default_positions
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      intermediate_size=48, attention=impl, attention_block_q=3, attention_block_kv=4,
+                      remat=remat, dtype=dtype)
+    graphdef, params, rest = nnx.split(random_model(cfg), nnx.Param, ...)
+
+    @jax.jit
+    def run(params):
+        def loss(params):
+            logits = nnx.merge(graphdef, params, rest)(ids, attention_mask=mask, positions=default_positions(mask))
+            return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0)), logits
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (_, logits), grads = run(params)
+    return np.asarray(logits), jax.tree.map(np.asarray, grads)
+
+
+def test_model_with_chunked_attention_equals_einsum_at_real_positions():
+    """Left-padded, right-padded and full rows: logits at real positions and every parameter
+    gradient of a masked loss agree between attention='chunked' and 'xla' (the old path), with
+    per-layer remat (the custom VJP under nnx.remat)."""
+    remat = "dots"
+    rng = np.random.default_rng(0)
+    t = 10
+    ids = jnp.asarray(rng.integers(0, 64, (3, t)), jnp.int32)
+    mask = jnp.asarray(np.stack([np.arange(t) >= 3, np.arange(t) < 6, np.ones(t, bool)]))
+    logits_x, grads_x = _model_logits_and_grads("xla", ids, mask, remat=remat)
+    logits_c, grads_c = _model_logits_and_grads("chunked", ids, mask, remat=remat)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(logits_c[real], logits_x[real], atol=2e-5, rtol=2e-5)
+    for gx, gc in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_c)):
+        np.testing.assert_allclose(gc, gx, atol=2e-5, rtol=2e-4)
+
+
+def test_model_config_rejects_unknown_attention_naming_it():
+    from topd_jax.models import ModelConfig
+
+    with pytest.raises(ValueError, match="attention='flash'"):
+        ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
+                    intermediate_size=8, attention="flash")
+    with pytest.raises(ValueError, match="attention_block_kv=0"):
+        ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
+                    intermediate_size=8, attention_block_kv=0)

@@ -65,6 +65,26 @@ def test_token_by_token_decode_equals_full_forward(model_fns):
     assert np.abs(got - ref)[np.asarray(mask)].max() < 1e-5
 
 
+def test_decode_reads_no_slot_past_the_filled_length(model_fns):
+    """The unfilled slots hold NaN keys and values. A step that read them, even masked, would
+    return NaN (0 * NaN in the probabilities-times-values product), as the all-slots decode
+    did; attention over the filled blocks only (4-slot blocks here) never touches them."""
+    model, full, step = model_fns
+    ids, mask = left_padded(model.config.vocab_size, LENGTHS, TOTAL, seed=7)
+    positions = default_positions(mask)
+    ref = np.asarray(full(ids, mask))
+    cache = model.init_cache(len(LENGTHS), SLOTS, block=4).map_kv(lambda x: jnp.full_like(x, jnp.nan))
+    logits, cache = step(ids[:, :3], positions[:, :3], mask[:, :3], cache)
+    got = [np.asarray(logits)]
+    for t in range(3, TOTAL):
+        logits, cache = step(ids[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+        got.append(np.asarray(logits))
+    got = np.concatenate(got, axis=1)
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref)[np.asarray(mask)].max() < 1e-5
+    assert np.isnan(np.asarray(cache.k[0][:, :, TOTAL:])).all()  # the tail really was NaN throughout
+
+
 def test_chunked_prefill_equals_full_forward(model_fns):
     model, full, step = model_fns
     ids, mask = left_padded(model.config.vocab_size, LENGTHS, TOTAL, seed=3)
@@ -104,10 +124,11 @@ def test_cache_layout_and_dtypes():
     model = random_model(QWEN3)
     cache = model.init_cache(3, 7)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == cache.v.shape == (2, 3, 2, 7, 16)  # [layers, batch, kv_heads, slots, head_dim]
-    assert cache.k.dtype == jnp.float32 and cache.mask.dtype == jnp.bool_ and cache.mask.shape == (3, 7)
+    assert len(cache.k) == len(cache.v) == 2  # one buffer per layer
+    assert all(x.shape == (3, 2, 7, 16) and x.dtype == jnp.float32 for x in cache.k + cache.v)  # [B, kv, S, h]
+    assert cache.mask.dtype == jnp.bool_ and cache.mask.shape == (3, 7) and cache.max_len == 7
     assert cache.index.dtype == jnp.int32 and cache.index.shape == ()
-    assert model.init_cache(1, 4, dtype=jnp.bfloat16).k.dtype == jnp.bfloat16
+    assert model.init_cache(1, 4, dtype=jnp.bfloat16).k[0].dtype == jnp.bfloat16
     assert jax.tree.leaves(cache)  # a pytree: passes through jit
 
 

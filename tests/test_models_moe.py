@@ -254,7 +254,7 @@ def test_bad_moe_configs_are_refused_naming_the_key():
         CFG.replace(moe_impl="sparse")
     with pytest.raises(ValueError, match="qkv_bias=True"):
         CFG.replace(qkv_bias=True, qk_norm=False)
-    with pytest.raises(ValueError, match=r"only \('moe_impl', 'remat'\)"):
+    with pytest.raises(ValueError, match=r"only \('moe_impl', 'remat', 'attention'"):
         reconfigure(random_model(CFG), num_experts=4)
 
 

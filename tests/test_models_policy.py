@@ -42,7 +42,7 @@ def test_bf16_policy_keeps_param_dtype_and_float32_logits(param_dtype, dtype):
     assert dtypes == {jnp.dtype(param_dtype)}
     hidden, logits = _jit_parts(model)
     assert hidden.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
-    assert model.init_cache(2, 4).k.dtype == jnp.bfloat16
+    assert model.init_cache(2, 4).k[0].dtype == jnp.bfloat16
     _, ref = _jit_parts(ref_model)
     real = np.asarray(MASK)
     err = np.abs(np.asarray(logits) - np.asarray(ref))[real].max()

@@ -81,7 +81,7 @@ def test_bad_branch_points_are_refused_by_name(model, rollouts):
         continue_from(model, seq, seq_mask, bad, key=jax.random.key(0), num_tokens=K)
     with pytest.raises(ValueError, match=r"branch_at \(2, 2\)"):
         continue_from(model, seq, seq_mask, BRANCH_AT[:2], key=jax.random.key(0), num_tokens=K)
-    small = jax.tree.map(lambda x: x[:, :2] if x.ndim == 5 else x[:2] if x.ndim == 2 else x, rollouts.cache)
+    small = jax.tree.map(lambda x: x[:2] if x.ndim else x, rollouts.cache)  # rows 0, 1 of every array
     with pytest.raises(ValueError, match="expected batch 3"):
         continue_from(model, seq, seq_mask, BRANCH_AT, key=jax.random.key(0), num_tokens=K, cache=small)
 

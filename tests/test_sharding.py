@@ -111,9 +111,8 @@ def test_sharded_cached_decode_equals_single_device(mesh):
     shard_model(model, mesh)
     cache = model.init_cache(4, 8)
     spec = lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, dict(mesh.shape)))
-    cache = cache.replace(k=jax.device_put(cache.k, spec(CACHE_KV_AXES, cache.k)),
-                          v=jax.device_put(cache.v, spec(CACHE_KV_AXES, cache.v)),
-                          mask=jax.device_put(cache.mask, spec(CACHE_MASK_AXES, cache.mask)))
+    cache = cache.map_kv(lambda x: jax.device_put(x, spec(CACHE_KV_AXES, x)))  # each layer's [B, kv_heads, S, h]
+    cache = cache.replace(mask=jax.device_put(cache.mask, spec(CACHE_MASK_AXES, cache.mask)))
     with jax.set_mesh(mesh):
         got, new_cache = prefill_then_step(nnx.state(model), cache)
     assert int(new_cache.index) == 6

@@ -15,11 +15,13 @@ Implementations (`impl`, config key `model.attention`):
   O(T * h) per layer too. Key blocks no query of a block can see (causality, ``kv_len``) are
   never read: forward and backward loop over a dynamic number of blocks.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` with ``is_causal`` and
-  key lengths (GPU, bf16/fp16). Only for the "prefix" layout: q_slots = arange(T), T = S,
-  kv_mask[b] = [s < len_b] (right padding).
-- ``splash``: TPU splash attention (Pallas), causal mask + segment ids for padding.
-- ``auto``: `choose_impl`: cudnn on GPU when dtype and layout allow, splash on TPU when the
-  layout allows, chunked otherwise.
+  sequence lengths, never a dense mask (GPU, bf16/fp16). Only for the "causal" layout
+  (q_slots = arange(T), S = T): each row's real tokens are first gathered to the front in order
+  (a stable sort), so any key mask becomes a prefix of length len_b, and scattered back after.
+- ``splash``: TPU splash attention (Pallas), "causal" layout: causal mask + segment ids
+  (real = 1, padding = 0).
+- ``auto``: `choose_impl`: cudnn on GPU (bf16/fp16), splash on TPU, for the "causal" layout
+  without kv_len or statistics; chunked otherwise (decode, caches with gaps, CPU).
 
 Letters: b batch, t query positions, s key slots, n query heads, k kv heads, g query heads per
 kv head (n = k g), h head_dim.
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
-LAYOUTS = ("any", "prefix")
+LAYOUTS = ("any", "causal")
 # A finite stand-in for -inf: the running max of a row that has seen no visible slot yet.
 _NEG = -1e30
 
@@ -56,8 +58,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array, k
     return_stats=True also returns (m [B, N, T] running max, l [B, N, T] sum of exp(score - m)),
     float32, so that partial attentions over disjoint key sets merge exactly (`merge_partials`).
     Rows with no visible slot have l = 0. The stats path is forward-only (decode).
-    layout: "any", or "prefix" when the caller guarantees q_slots = arange(T), T = S and
-    kv_mask[b] = [s < len_b] (right padding); only "prefix" lets `auto` pick cudnn / splash.
+    layout: "any", or "causal" when the caller guarantees q_slots[b] = arange(T) and S = T
+    (self-attention over the T tokens, any kv_mask); only "causal" lets cudnn / splash run.
     For cudnn / splash, query rows that are themselves padding (kv_mask[b, t] False) come back
     as 0; every implementation agrees at real rows.
     """
@@ -79,13 +81,13 @@ def choose_impl(impl: str, backend: str, dtype, *, layout: str = "any", return_s
                 decode: bool = False) -> str:
     """The implementation `attention` runs: `impl` itself unless it is "auto".
 
-    auto: gpu + bf16/fp16 + prefix layout -> cudnn; tpu + prefix layout -> splash; else chunked
-    (gaps, left padding, decode and partial statistics need the general slot rule).
+    auto: gpu + bf16/fp16 + causal layout -> cudnn; tpu + causal layout -> splash; else chunked
+    (a cache with gaps, decode (kv_len) and partial statistics need the general slot rule).
     An explicit cudnn / splash that cannot honour the request raises (no silent fallback).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r}; expected one of {IMPLS}")
-    fused_ok = layout == "prefix" and not return_stats and not decode
+    fused_ok = layout == "causal" and not return_stats and not decode
     if impl == "auto":
         if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and fused_ok:
             return "cudnn"
@@ -93,8 +95,8 @@ def choose_impl(impl: str, backend: str, dtype, *, layout: str = "any", return_s
             return "splash"
         return "chunked"
     if impl in ("cudnn", "splash") and not fused_ok:
-        raise ValueError(f"attention impl={impl!r} needs layout='prefix' (q_slots = arange(T), right "
-                         f"padding), no kv_len and no return_stats; got layout={layout!r}, "
+        raise ValueError(f"attention impl={impl!r} needs layout='causal' (q_slots = arange(T), S = T), "
+                         f"no kv_len and no return_stats; got layout={layout!r}, "
                          f"decode={decode}, return_stats={return_stats}. Use 'chunked' or 'auto'.")
     if impl == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention impl='cudnn' needs bfloat16 or float16 inputs, got {jnp.dtype(dtype)}")
@@ -303,20 +305,33 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ------------------------------------------------------------------------------- cudnn (GPU)
-def cudnn_attention(q, k, v, *, kv_mask):
-    """Prefix layout only (q_slots = arange(T), T = S, kv_mask[b] = [s < len_b]): cuDNN flash
-    attention with is_causal and key lengths, never a dense mask (which cuDNN would turn into a
-    [B, N, T, S] bias). Padding query rows are zeroed."""
-    lengths = jnp.sum(kv_mask.astype(jnp.int32), axis=-1)  # [B]
-    out = jax.nn.dot_product_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), is_causal=True,
-                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                       implementation="cudnn")
-    return jnp.where(kv_mask[:, :, None, None], out, 0).astype(q.dtype)
+def compact_rows(kv_mask):
+    """(perm, inverse, lengths): perm [B, T] lists each row's real slots first, in order (a stable
+    sort), so gathering by perm turns any key mask into a prefix of lengths [B] real tokens;
+    gathering by inverse undoes it. Causal order among real tokens is kept, so causal attention
+    over the compacted row equals the slot rule at every real query."""
+    mask = kv_mask.astype(bool)
+    perm = jnp.argsort(~mask, axis=-1, stable=True)
+    return perm, jnp.argsort(perm, axis=-1), jnp.sum(mask.astype(jnp.int32), axis=-1)
+
+
+def cudnn_attention(q, k, v, *, kv_mask, implementation="cudnn"):
+    """Causal layout (q_slots = arange(T), S = T): cuDNN flash attention with is_causal and
+    sequence lengths on the compacted rows (`compact_rows`), never a dense mask (which cuDNN
+    would turn into a [B, N, T, S] bias). Padding query rows come back as 0. `implementation`
+    "xla" runs the same compaction through jax's einsum path (how CPU tests check it)."""
+    perm, inverse, lengths = compact_rows(kv_mask)
+    take = lambda x, idx: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
+    qc = take(q, perm)  # [B, T, N, H]
+    kc, vc = take(jnp.swapaxes(k, 1, 2), perm), take(jnp.swapaxes(v, 1, 2), perm)  # [B, S, K, H]
+    out = jax.nn.dot_product_attention(qc, kc, vc, is_causal=True, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return jnp.where(kv_mask[:, :, None, None], take(out, inverse), 0).astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------- splash (TPU)
 def splash_attention(q, k, v, *, kv_mask, block_q=512, block_kv=512, interpret=False):
-    """Prefix layout (q_slots = arange(T), T = S): TPU splash attention with a causal mask and
+    """Causal layout (q_slots = arange(T), S = T): TPU splash attention with a causal mask and
     segment ids (real = 1, padding = 0), so padding rows see only padding and never an empty row;
     those rows are then zeroed. T is padded up to a multiple of the block (at least 128)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk

@@ -27,7 +27,7 @@ def init_model(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | 
 
 
 # Config fields that change how the forward pass runs, not the parameters.
-RUNTIME_FIELDS = ("moe_impl", "remat")
+RUNTIME_FIELDS = ("moe_impl", "remat", "attention", "attention_block_q", "attention_block_kv")
 
 
 def reconfigure(model: Qwen, **changes) -> Qwen:

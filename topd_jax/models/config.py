@@ -18,6 +18,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                            "qwen3_moe": "Qwen3MoeForCausalLM"}
 MOE_IMPLS = ("ragged", "dense")  # see models/moe.py
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")  # see models/attention.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,11 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch" (see models/qwen.py)
+    # attention kernel (models/attention.py): auto = cuDNN on GPU (bf16/fp16), splash on TPU,
+    # chunked online-softmax otherwise; xla = the einsum with [B, N, T, S] scores in memory
+    attention: str = "auto"
+    attention_block_q: int = 512  # query / key block of the chunked path
+    attention_block_kv: int = 512
     # ---- Qwen3-MoE (HF Qwen3MoeConfig names); num_experts = 0: every layer dense ----------
     num_experts: int = 0
     num_experts_per_tok: int = 0  # top-k
@@ -55,6 +61,11 @@ class ModelConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {sorted(DTYPES)}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        for field in ("attention_block_q", "attention_block_kv"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field}={getattr(self, field)} must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:

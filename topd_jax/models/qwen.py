@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from topd_jax.models.cache import KVCache
+from topd_jax.models.cache import DEFAULT_BLOCK, KVCache
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.moe import MoEBlock
 from topd_jax.models.params import ACT
@@ -113,7 +113,8 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
                  cache: KVCache | None, layer: int) -> tuple[jax.Array, KVCache | None]:
         """x [B, T, d] -> [B, T, d]. With a cache, this layer's keys/values of the T new tokens
-        are written to slots [index, index + T) of cache.k[layer], and attention runs over all slots."""
+        are written to slots [index, index + T) of cache.k[layer], and attention reads the slots
+        below index + T only (KVCache.attend)."""
         dt = x.dtype
         q = jnp.einsum("btd,nhd->btnh", x, self.q_proj[...].astype(dt))  # [B, T, n, h]
         k = jnp.einsum("btd,khd->btkh", x, self.k_proj[...].astype(dt))  # [B, T, k, h]
@@ -124,15 +125,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "head_dim"))
-        if cache is not None:
-            start = (layer, 0, 0, cache.index, 0)  # cache [L, B, k, S, h]; the new tokens as [B, k, T, h]
-            cache = cache.replace(
-                k=jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype), start),
-                v=jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype), start),
-            )
-            k = cache.k[layer].astype(dt).transpose(0, 2, 1, 3)  # [B, S, k, h]
-            v = cache.v[layer].astype(dt).transpose(0, 2, 1, 3)
-        out = attend(q, k, v, allowed)  # [B, T, n, h]
+        if cache is not None:  # write the new keys, attend over the filled blocks only (models/cache.py)
+            cache = cache.write(layer, k, v)
+            out = cache.attend(q, layer).astype(dt)  # [B, T, n, h]
+        else:
+            out = attend(q, k, v, allowed)  # [B, T, n, h]
         return jnp.einsum("btnh,dnh->btd", out, self.o_proj[...].astype(dt)), cache  # [B, T, d]
 
 
@@ -220,14 +217,12 @@ class Qwen(nnx.Module):
             causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
             allowed = causal[None] & mask[:, None, :]  # [B, T, T]
         else:
-            cache = cache.replace(mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index)))
-            query_slot = cache.index + jnp.arange(t)  # [T]
-            key_slot = jnp.arange(cache.max_len)  # [S]
-            allowed = (key_slot[None, :] <= query_slot[:, None])[None] & cache.mask[:, None, :]  # [B, T, S]
+            cache = cache.admit(mask)  # no dense [B, T, S] mask: the cache's attention reads slot rules
+            allowed = None
         for i, layer in enumerate(self.layers):
             h, cache = self._layer(layer, h, cos=cos, sin=sin, allowed=allowed, cache=cache, index=i)
         if cache is not None:
-            cache = cache.replace(index=cache.index + t)
+            cache = cache.advance(t)
         return self.final_norm(h), cache
 
     def _layer(self, layer, h, *, cos, sin, allowed, cache, index):
@@ -257,8 +252,9 @@ class Qwen(nnx.Module):
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
     # ---- cache ----------------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        """Empty cache: all slots masked out, index 0. dtype defaults to the compute dtype."""
+    def init_cache(self, batch: int, max_len: int, dtype=None, block: int = DEFAULT_BLOCK) -> KVCache:
+        """Empty cache: all slots masked out, index 0. dtype defaults to the compute dtype;
+        block: key block of the attention over it (blocks past the filled length are not read)."""
         cfg = self.config
         return KVCache.zeros(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim,
-                             cfg.compute_dtype if dtype is None else dtype)
+                             cfg.compute_dtype if dtype is None else dtype, block=block)

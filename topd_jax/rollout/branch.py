@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from topd_jax.models import KVCache, default_positions
+from topd_jax.models.cache import slots_for
 from topd_jax.rollout.engine import (
     GenerationResult,
     assemble,
@@ -42,20 +43,8 @@ from topd_jax.sharding import constrain
 from topd_jax.sharding.hosts import fetch
 
 
-def _resize_slots(cache: KVCache, slots: int) -> KVCache:
-    """Cut or zero-pad the slot axis to `slots` (new slots masked)."""
-    have = cache.max_len
-    if have >= slots:
-        return cache.replace(k=cache.k[:, :, :, :slots], v=cache.v[:, :, :, :slots], mask=cache.mask[:, :slots])
-    pad = slots - have
-    kv_pad = ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0))
-    return cache.replace(k=jnp.pad(cache.k, kv_pad), v=jnp.pad(cache.v, kv_pad),
-                         mask=jnp.pad(cache.mask, ((0, 0), (0, pad))))
-
-
 def _repeat_rows(cache: KVCache, times: int) -> KVCache:
-    return cache.replace(k=jnp.repeat(cache.k, times, axis=1), v=jnp.repeat(cache.v, times, axis=1),
-                         mask=jnp.repeat(cache.mask, times, axis=0))
+    return cache.map_kv(lambda x: jnp.repeat(x, times, axis=0)).replace(mask=jnp.repeat(cache.mask, times, axis=0))
 
 
 def continue_impl(model, sequences: jax.Array, sequence_mask: jax.Array, branch_at: jax.Array,
@@ -65,13 +54,13 @@ def continue_impl(model, sequences: jax.Array, sequence_mask: jax.Array, branch_
     batch, length = sequences.shape
     per_row = branch_at.shape[1]
     seq_mask = sequence_mask.astype(bool)
-    slots = length + num_tokens  # L prefix slots, the re-fed token, K - 1 fed continuation tokens
+    slots = slots_for(length + num_tokens)  # L prefix slots, the re-fed token, K - 1 fed continuation tokens
     if cache is None:  # prefill each sequence once; its hidden states / logits are not needed
         cache = constrain_cache(model.init_cache(batch, slots))
         _, cache = model.hidden_states(constrain(sequences, ("act_batch", "act_seq")),
                                        positions=default_positions(seq_mask), attention_mask=seq_mask, cache=cache)
     else:
-        cache = _resize_slots(cache, slots)
+        cache = cache.resized(slots)
     cache = _repeat_rows(cache, per_row)  # [.., b * c, ..]: one copy per candidate, no recompute
 
     ids = jnp.repeat(sequences, per_row, axis=0)  # [r, L]
@@ -80,7 +69,7 @@ def continue_impl(model, sequences: jax.Array, sequence_mask: jax.Array, branch_
     prefix = jnp.repeat(seq_mask, per_row, axis=0) & (cols < t[:, None])  # c_t: real tokens before t
     last = length - 1 - jnp.argmax(jnp.flip(prefix, axis=1), axis=1)  # [r] last real column < t
     visible = prefix & (cols < last[:, None])  # the last prefix token is fed again below
-    cache = cache.replace(mask=jnp.pad(visible, ((0, 0), (0, num_tokens))), index=jnp.asarray(length, jnp.int32))
+    cache = cache.replace(mask=jnp.pad(visible, ((0, 0), (0, slots - length))), index=jnp.asarray(length, jnp.int32))
     cache = constrain_cache(cache)
 
     last_token = jnp.take_along_axis(ids, last[:, None], axis=1)  # [r, 1]
@@ -162,8 +151,8 @@ def continue_from(model, sequences, sequence_mask, branch_at, *, key, num_tokens
     _check_branch_at(branch_at, host_mask)
     if not (isinstance(num_tokens, int) and num_tokens >= 1):
         raise ValueError(f"num_tokens={num_tokens!r}; expected an int >= 1")
-    if cache is not None and (cache.k.shape[1] != sequences.shape[0] or cache.max_len < sequences.shape[1] - 1):
-        raise ValueError(f"cache k {cache.k.shape}: expected batch {sequences.shape[0]} and at least "
+    if cache is not None and (cache.batch != sequences.shape[0] or cache.max_len < sequences.shape[1] - 1):
+        raise ValueError(f"cache mask {cache.mask.shape}: expected batch {sequences.shape[0]} and at least "
                          f"{sequences.shape[1] - 1} slots for sequences {sequences.shape}")
     sampling = SamplingConfig(float(temperature), float(top_p), top_k)
     keys = row_keys(jnp.asarray(key), branch_at.size)

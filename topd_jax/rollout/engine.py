@@ -10,8 +10,10 @@ P-1; a left-padded batch is unchanged), so the completion follows every prompt d
 `cumsum(mask) - 1` (the model's default), cache slots of padding are masked.
 
 Cache. Slot j holds column j of `sequences` (prompt slots 0..P-1, completion token i in slot
-P+i); the last completion token is never fed back, so the cache has P + N - 1 slots. It is
-created inside the jitted call and updated in place by the while loop (nothing to donate).
+P+i); the last completion token is never fed back, so the cache holds P + N - 1 slots
+(allocated rounded up to whole attention blocks, returned cut to P + N - 1). It is created
+inside the jitted call and updated in place by the while loop (nothing to donate). Each step's
+attention reads only the slots below the filled length (`KVCache.attend`).
 
 Randomness. Row r draws step s with `fold_in(row_key[r], s)`; `key` is split into one key per
 row unless the caller passes the row keys ([rows] typed keys). Same key -> same tokens, on any
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from topd_jax.models import CACHE_KV_AXES, CACHE_MASK_AXES, KVCache, default_positions
+from topd_jax.models.cache import slots_for
 from topd_jax.rollout.sampling import SamplingConfig, sample, token_log_prob
 from topd_jax.sharding import constrain
 
@@ -88,8 +91,7 @@ def left_align(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def constrain_cache(cache: KVCache) -> KVCache:
     """Shard the cache by its logical axes (a no-op without a mesh)."""
-    return cache.replace(k=constrain(cache.k, CACHE_KV_AXES), v=constrain(cache.v, CACHE_KV_AXES),
-                         mask=constrain(cache.mask, CACHE_MASK_AXES))
+    return cache.map_kv(lambda x: constrain(x, CACHE_KV_AXES)).replace(mask=constrain(cache.mask, CACHE_MASK_AXES))
 
 
 def row_keys(key: jax.Array, rows: int) -> jax.Array:
@@ -182,13 +184,15 @@ def generate_impl(model, prompt_ids: jax.Array, prompt_mask: jax.Array, keys: ja
     ids = constrain(jnp.repeat(ids, num_samples, axis=0), ("act_batch", "act_seq"))  # row b*n+j <- prompt b
     mask = constrain(jnp.repeat(mask, num_samples, axis=0), ("act_batch", "act_seq"))
     rows, cols = ids.shape
-    # the last new token is never fed back: P + N - 1 slots
-    cache = constrain_cache(model.init_cache(rows, cols + max_new_tokens - 1))
+    # the last new token is never fed back: P + N - 1 slots, allocated in whole attention blocks
+    filled = cols + max_new_tokens - 1
+    cache = constrain_cache(model.init_cache(rows, slots_for(filled)))
     hidden, cache = model.hidden_states(ids, positions=default_positions(mask), attention_mask=mask, cache=cache)
     logits = model.compute_logits(hidden[:, -1:])[:, 0]  # left-aligned: the last column is real
     decoded = decode(model, constrain_cache(cache), logits, mask.sum(axis=1, dtype=jnp.int32), keys,
                      num_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
-    return assemble(ids, mask, decoded, decoded[-1] if return_cache else None, pad_id)
+    return assemble(ids, mask, decoded, constrain_cache(decoded[-1].resized(filled)) if return_cache else None,
+                    pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id",

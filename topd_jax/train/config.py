@@ -94,6 +94,9 @@ class ModelSpec(_Checked):
     param_dtype: Dtype = opt("float32", "parameter dtype")
     remat: Literal["none", "full", "dots", "dots_no_batch"] = opt(
         "none", "rematerialisation policy per layer (topd_jax.models)")
+    attention: Literal["auto", "xla", "chunked", "cudnn", "splash"] = opt(
+        "auto", "attention kernel (topd_jax.models.attention): auto = cudnn on GPU (bf16/fp16), "
+        "splash on TPU, chunked online-softmax otherwise; xla = einsum with [B, N, T, S] scores")
 
     def _validate(self):
         if self.path is not None and self.preset is not None:
@@ -111,7 +114,7 @@ class ModelSpec(_Checked):
 
     def arch_overrides(self) -> dict[str, Any]:
         """The architecture fields set in this spec, as ``ModelConfig`` keyword arguments."""
-        skip = {"path", "preset", "dtype", "param_dtype", "remat"}
+        skip = {"path", "preset", "dtype", "param_dtype", "remat", "attention"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in skip and getattr(self, f.name) is not None}
 

@@ -52,7 +52,7 @@ def model_config(spec: ModelSpec) -> ModelConfig:
     if spec.path is not None:
         raise ValueError(f"model_config needs sizes or a preset, got path={spec.path!r}")
     kw = dict(spec.arch_overrides(), dtype=spec.dtype, param_dtype=spec.param_dtype,
-              remat=spec.remat)
+              remat=spec.remat, attention=spec.attention)
     return ModelConfig.preset(spec.preset, **kw) if spec.preset else ModelConfig(**kw)
 
 

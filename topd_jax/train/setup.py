@@ -66,7 +66,7 @@ class RunSetupError(ValueError):
 def model_plan(spec: ModelSpec, role: str, path: str | None, seed: int) -> ModelPlan:
     """Resolve a ``ModelSpec`` (explicit path argument wins) into a ``ModelConfig``."""
     path = path if path is not None else spec.path
-    extra = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
+    extra = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat, attention=spec.attention)
     overrides = spec.arch_overrides()
     if path is not None:
         from topd_jax.checkpoints import check_local_dir, read_hf_config
