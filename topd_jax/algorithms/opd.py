@@ -31,6 +31,7 @@ class Frozen:
     pad_id: int
     text: Any = None         # train.setup.TextIO: decode + verify (GRPO/TAPO rewards)
     format_prompt: Any = None  # problem text -> model input text (the data template; TAPO)
+    ot_table: Any = None     # [V, d] frozen OT embedding table (topd.ot_embedding); None: the student's
 
 
 def timed(timings: dict[str, float], name: str, fn, *args, **kwargs):

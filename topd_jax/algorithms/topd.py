@@ -140,11 +140,34 @@ def suffix_windows(ids: jax.Array, loss_mask: jax.Array, start: jax.Array, k: in
     return tokens.reshape(-1, k), mask.reshape(-1, k)
 
 
-@functools.partial(jax.jit, static_argnames=("epsilon", "iters"))
-def _ot_jit(embed, t_tokens, t_mask, s_tokens, s_mask, *, epsilon, iters):
+def pad_windows_with_eos(tokens: jax.Array, mask: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
+    """``topd.ot_window_end=pad_eos``: every window ``[..., K]`` becomes K tokens, the ended
+    part filled with ``eos_id``; a window that stopped early then differs from a full one by
+    its eos tokens (with uniform mass over the valid tokens instead, one mismatch in a short
+    window weighs more than in a long one: TOPD_REVIEW D12)."""
+    return jnp.where(mask.astype(bool), tokens, eos_id), jnp.ones(mask.shape, bool)
+
+
+@functools.partial(jax.jit, static_argnames=("epsilon", "iters", "solver", "pad_eos"))
+def _ot_jit(embed, t_tokens, t_mask, s_tokens, s_mask, *, epsilon, iters, solver="sinkhorn", pad_eos=None):
+    """D per window pair and the Sinkhorn marginal error, both ``[rows]``."""
+    if pad_eos is not None:
+        (t_tokens, t_mask), (s_tokens, s_mask) = (pad_windows_with_eos(t_tokens, t_mask, pad_eos),
+                                                  pad_windows_with_eos(s_tokens, s_mask, pad_eos))
     # The cost normalises the embeddings itself (1 - cosine); float32 for Sinkhorn.
     x, y = embed[t_tokens].astype(jnp.float32), embed[s_tokens].astype(jnp.float32)
-    return ot_distance(x, y, t_mask, s_mask, epsilon=epsilon, max_iters=iters)
+    return ot_distance(x, y, t_mask, s_mask, epsilon=epsilon, max_iters=iters, solver=solver, with_error=True)
+
+
+def frozen_ot_table(cfg: RunConfig, student, teacher) -> jax.Array | None:
+    """The OT embedding table ``[V, d]`` of ``topd.ot_embedding``: a copy of the initial
+    student's (call before training starts) or the teacher's; None for ``student`` (the
+    current student's table, read at every step)."""
+    source = cfg.topd.ot_embedding
+    if source == "student":
+        return None
+    table = student.embedding_table() if source == "student_initial" else teacher.embedding_table()
+    return jnp.array(table, copy=True)
 
 
 def _continuations(cfg, model, rows, branch_at, key, frozen, per_slot: int, cache=None) -> GenerationResult:
@@ -193,8 +216,10 @@ def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timi
             s_cont = timed(timings, "sampling", _continuations, cfg, student, rows, branch_at, k_s, frozen, n,
                            student_cache)
             s_tok, s_mask = s_cont.tokens, s_cont.mask
-        d = timed(timings, "scoring", _ot_jit, student.embedding_table(), t_cont.tokens, t_cont.mask, s_tok,
-                  s_mask, epsilon=t.sinkhorn_epsilon, iters=t.sinkhorn_iters)
+        table = frozen.ot_table if frozen.ot_table is not None else student.embedding_table()
+        d, _ = timed(timings, "scoring", _ot_jit, table, t_cont.tokens, t_cont.mask, s_tok, s_mask,
+                     epsilon=t.sinkhorn_epsilon, iters=t.sinkhorn_iters, solver=t.ot_solver,
+                     pad_eos=frozen.eos_ids[0] if t.ot_window_end == "pad_eos" else None)
         return d.reshape(r, c, n).mean(axis=2), (t_cont, n)
     n = t.margin_samples  # margin_w1
     t_cont = timed(timings, "sampling", _continuations, cfg, frozen.teacher, rows, branch_at, k_t, frozen, n)

@@ -37,7 +37,7 @@ import yaml
 from flax import nnx
 from tqdm.auto import tqdm
 
-from topd_jax.algorithms import Frozen, build_objective, prepare_batch
+from topd_jax.algorithms import Frozen, build_objective, prepare_batch, topd
 from topd_jax.checkpoints.train_state import PreemptionFlag, TrainCheckpointer, abstract_state
 from topd_jax.data.prompts import PromptLoader
 from topd_jax.sharding.hosts import any_process, fetch, is_main_process, place_rows
@@ -137,13 +137,15 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     mesh = plan.mesh
     tx = make_optimizer(cfg.optim, cfg.steps)
     schedule = lr_schedule(cfg.optim, cfg.steps)
+    # topd.ot_embedding=student_initial copies the table before the train state takes the arrays.
+    ot_table = topd.frozen_ot_table(cfg, student, teacher) if cfg.uses_detector else None
     graphdef, state, shardings = create_train_state(student, tx, mesh, seed=cfg.seed, copy=False)
     del student
     loader = _loader(cfg, plan)
     # Without a teacher (GRPO/TAPO) the step's head argument is a placeholder it never reads.
     head = teacher.lm_head_weight() if teacher is not None else jax.numpy.zeros((1, 1), jax.numpy.float32)
     frozen = Frozen(teacher, head, plan.text.eos_ids, plan.text.pad_id, text=plan.text,
-                    format_prompt=plan.format_prompt)
+                    format_prompt=plan.format_prompt, ot_table=ot_table)
     loss_fn, normalize = build_objective(cfg, graphdef, rollout_len(cfg))
     step_fn = TrainStep(loss_fn, tx, schedule, shardings, mesh, micro_batches=cfg.optim.micro_batches,
                         normalize=normalize, updates=cfg.grpo.updates_per_batch if cfg.is_rl else 1)
