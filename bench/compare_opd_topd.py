@@ -8,7 +8,8 @@ Every run starts from the same prepared (cached) teacher and student of configs/
 (``topd_jax.train.demo.prepare_demo_models``); only ``algorithm``/suppression and ``seed``
 change. The seed drives rollout sampling and prompt order (the models are fixed). Prints a
 markdown table: student accuracy before -> after (greedy, held-out), per seed and mean ± sd;
-mean fraction of high-loss tokens in the low-divergence regime and mean local OT over
+the suppressed share of candidates (= topd.false_alarm_quantile by definition, not a
+measurement: see bench/detector_roc.py) and mean local OT over
 training (detector runs only); median step time. Results also go to ``<out>/compare.json``.
 """
 
@@ -75,7 +76,7 @@ def _ms(xs: list[float | None], pct: bool = True) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | accuracy before (%) | accuracy after (%) per seed | after mean ± sd (%) | "
-             "low-divergence share of high-loss tokens (%) | mean local OT | median step (s) |",
+             "suppressed share (= q by definition) (%) | mean local OT | median step (s) |",
              "|---|---|---|---|---|---|---|"]
     for name in METHODS:
         rs = [r for r in rows if r["method"] == name]

@@ -6,8 +6,9 @@
 
 ``history`` is the trainer's per-step metrics: a list of ``{name: float}`` dicts, each
 with ``"step"``; the names read here are ``token_kl`` (mean ℓ, the per-token divergence),
-``false_alarm_fraction`` (fraction of high-loss candidate tokens in the low-divergence
-regime) and ``local_ot`` (mean near-future OT distance D_t of the candidates); the last two
+``false_alarm_fraction`` (the share of high-loss candidates at or below the batch's
+``topd.false_alarm_quantile`` of D: q by definition, up to ties -- a setting, not a
+measurement; ``bench/detector_roc.py`` measures the true surface share against labels) and ``local_ot`` (mean near-future OT distance D_t of the candidates); the last two
 exist only when the detector runs (TOPD, or OPD with suppression). ``evals`` maps a step
 to the student's accuracy on the held-out problems (step 0: before training).
 """
@@ -22,7 +23,7 @@ from typing import Any, Mapping, Sequence
 REPORT_JSON = "demo_report.json"
 REPORT_PNG = "demo_report.png"
 CURVES = (("token_kl", "mean per-token loss ℓ"),
-          ("false_alarm_fraction", "high-loss tokens in the low-divergence regime"),
+          ("false_alarm_fraction", "suppressed share (= q by definition)"),
           ("local_ot", "mean local OT D_t"))
 
 
@@ -93,7 +94,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         ("student accuracy after", _fmt(report["student_accuracy_after"], True)),
         ("mean ℓ (first 10% -> last 10% of steps)",
          f"{_fmt(m['token_kl']['first'])} -> {_fmt(m['token_kl']['last'])}"),
-        ("high-loss tokens in low-divergence regime",
+        ("suppressed share of candidates (= q by definition)",
          _fmt(m["false_alarm_fraction"]["mean"], True)),
         ("mean local OT (all / first 10% -> last 10%)",
          f"{_fmt(m['local_ot']['mean'])} / {_fmt(m['local_ot']['first'])} -> "
