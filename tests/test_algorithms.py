@@ -132,8 +132,10 @@ def test_updates_on_a_fixed_batch_decrease_the_loss(setup, tmp_path, name):
     step = TrainStep(make_loss_fn(spec, graphdef), tx, lr_schedule(cfg.optim, 10), shardings, mesh,
                      normalize=functools.partial(add_normalizers, spec))
     with jax.set_mesh(mesh):
-        batch, metrics, gen = prepare_batch(cfg, nnx.merge(graphdef, state.params), prompts,
-                                            jax.random.key(3), frozen, {})
+        prepared, metrics, gen = prepare_batch(cfg, nnx.merge(graphdef, state.params), prompts,
+                                               jax.random.key(3), frozen, {})
+        assert prepared.precomputed is None
+        batch = prepared.arrays
         losses = []
         for _ in range(4):
             state, out = step(state, batch, frozen.teacher_head)
@@ -149,8 +151,10 @@ def test_updates_on_a_fixed_batch_decrease_the_loss(setup, tmp_path, name):
         assert float(out["traj_loss"][1]) > 0  # some guided continuation tokens
     if cfg.uses_detector:
         assert metrics["candidates_per_rollout"][0] > 0
+        assert "weights" not in batch  # topd_loss weighs the tokens from the classification
+        assert not np.any(np.asarray(batch["false_alarm"]) & ~np.asarray(batch["candidates"]))
         if cfg.suppression != "none":
-            assert float(jnp.sum(batch["weights"] == 0)) == metrics["suppressed_fraction"][0]
+            assert float(jnp.sum(batch["false_alarm"])) == metrics["suppressed_fraction"][0]
 
 
 @pytest.mark.parametrize("extra", [["algorithm=topd"], ["topd.suppression=false_alarms"]],
@@ -172,15 +176,19 @@ def test_fused_main_pass_step_equals_the_separate_detector_pass(setup, tmp_path,
         with jax.set_mesh(mesh):
             batch, metrics, _ = prepare_batch(cfg, nnx.merge(graphdef, state.params), prompts,
                                               jax.random.key(3), frozen, {})
+            assert (batch.precomputed is not None) == fused
             state, out = step(state, batch, frozen.teacher_head)
-        results.append((batch, metrics, out, jax.device_get(state.params)))
+        results.append((batch.arrays, metrics, out, jax.device_get(state.params)))
     (b0, m0, o0, p0), (b1, m1, o1, p1) = results
-    np.testing.assert_array_equal(np.asarray(b0["weights"]), np.asarray(b1["weights"]))  # same detector
+    for key in ("candidates", "false_alarm"):  # same detector
+        np.testing.assert_array_equal(np.asarray(b0[key]), np.asarray(b1[key]))
+    assert "teacher_hidden" not in b1 and "token_loss" in b1  # the fused step reads ℓ_t
     np.testing.assert_allclose(float(o1["loss"]), float(o0["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(o1["grad_norm"]), float(o0["grad_norm"]), rtol=1e-4)
     # Adam's first update is ~lr * sign(g): float-rounding differences of near-zero gradient
     # entries move a few parameters by up to ~1e-6 (lr = 1e-2), hence the absolute tolerance.
     for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    kl0 = float(o0["token_kl"][0]) / float(o0["token_kl"][1])
-    np.testing.assert_allclose(m1["token_kl"][0] / m1["token_kl"][1], kl0, rtol=1e-5)
+    for key in ("token_kl", "opd_loss"):
+        np.testing.assert_allclose(float(o1[key][0]) / float(o1[key][1]), float(o0[key][0]) / float(o0[key][1]),
+                                   rtol=1e-5)

@@ -96,7 +96,7 @@ def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
     from flax import nnx
 
     from tests._train_tiny import tiny_config
-    from topd_jax.algorithms import Frozen, build_objective, prepare_batch
+    from topd_jax.algorithms import Frozen, PreparedBatch, build_objective, prepare_batch
     from topd_jax.rollout import continue_from, generate
     from topd_jax.train.loop import _loader, rollout_len
     from topd_jax.train.optim import lr_schedule
@@ -128,13 +128,13 @@ def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
         assert planned[f"teacher KV cache, continuations [{r}x{length + k}]"] == \
             _on_device0((cont.cache.k, cont.cache.v))
         frozen = Frozen(teacher, teacher.lm_head_weight(), plan.text.eos_ids, plan.text.pad_id)
-        batch, _, _ = prepare_batch(cfg, model, prompts, jax.random.key(2), frozen, {})
+        batch = prepare_batch(cfg, model, prompts, jax.random.key(2), frozen, {})[0].arrays
         sh = batch_shardings(batch, mesh)
         batch = {name: jax.device_put(x, sh[name]) for name, x in batch.items()}  # as TrainStep places it
         assert planned["update batch arrays"] == _on_device0(batch)
         loss_fn, normalize = build_objective(cfg, graphdef, length)
         step = TrainStep(loss_fn, tx, lr_schedule(cfg.optim, cfg.steps), shardings, mesh,
                          micro_batches=cfg.optim.micro_batches, normalize=normalize)
-        fn, _, _ = step._fn(batch, frozen.teacher_head, False)
+        fn, _, _ = step.compiled(PreparedBatch(batch), frozen.teacher_head)
         measured = fn.lower(state, batch, frozen.teacher_head, None).compile().memory_analysis()
     assert planned["compiled step temporaries"] == measured.temp_size_in_bytes

@@ -32,7 +32,11 @@ def _batch(seed=0, guidance=False):
     b = {"ids": ids, "seq_mask": seq_mask | loss_mask, "loss_mask": loss_mask,
          "weights": np.where(rng.random((R, L)) < 0.2, 0.0, 1.0).astype(np.float32),
          "teacher_hidden": rng.normal(size=(R, L, 16)).astype(np.float32)}
-    if guidance:
+    if guidance:  # TOPD: the detector's classification (weights come from it), guidance rows
+        cand = loss_mask & (rng.random((R, L)) < 0.5)
+        del b["weights"]
+        b.update(candidates=cand, divergence=rng.random((R, L)).astype(np.float32),
+                 false_alarm=cand & (rng.random((R, L)) < 0.4))
         b.update(g_ids=rng.integers(0, 64, (G, L + K)).astype(np.int32), g_mask=np.ones((G, L + K), bool),
                  g_window=rng.random((G, K)) < 0.7, g_targets=rng.integers(0, 64, (G, K)).astype(np.int32),
                  g_teacher_hidden=rng.normal(size=(G, K, 16)).astype(np.float32))
@@ -45,7 +49,7 @@ def _run(mesh, batch, *, micro=1, guidance=False, steps=2):
     opt = OptimConfig(lr=1e-2, micro_batches=micro, warmup_fraction=0.0)
     tx = make_optimizer(opt, 10)
     graphdef, state, shardings = create_train_state(s, tx, mesh, seed=0)
-    spec = LossSpec(guidance=guidance, prefix_len=L, window=K, guidance_decay=0.8 if guidance else None,
+    spec = LossSpec(detector=guidance, suppression_weight=0.25, guidance=guidance, prefix_len=L, window=K, guidance_decay=0.8 if guidance else None,
                     guidance_weight=0.5, micro_batches=micro)
     step = TrainStep(make_loss_fn(spec, graphdef), tx, lr_schedule(opt, 10), shardings, mesh, micro_batches=micro,
                      normalize=functools.partial(add_normalizers, spec))

@@ -1,6 +1,7 @@
 """One module per algorithm, wiring rollout -> scoring -> losses (no gradient here):
 
     batch, metrics, rollouts = prepare_batch(cfg, student, prompts, key, frozen, timings)
+    state, out = train_step(state, batch, teacher_head)     # batch: a PreparedBatch (prepared.py)
 
 ``opd`` (plain OPD), ``topd`` (TOPD, and OPD + suppression / the high-divergence ablation),
 ``warmup`` (stage-1, teacher samples); ``sft`` (fixed responses, e.g. TAPO's cold start); ``grpo`` and ``tapo`` (RL with verifiable rewards,
@@ -17,22 +18,18 @@ from topd_jax.algorithms import grpo, opd, sft, tapo, topd, warmup
 from topd_jax.algorithms.objective import LossSpec, add_normalizers, make_loss_fn
 from topd_jax.algorithms.rl_objective import RlSpec, add_rl_normalizers, make_rl_loss_fn
 from topd_jax.algorithms.opd import Frozen
+from topd_jax.algorithms.prepared import PrecomputedGrad, PreparedBatch
 from topd_jax.train.config import RunConfig
 
 
 def prepare_batch(cfg: RunConfig, student, prompts: dict, key, frozen: Frozen, timings: dict):
-    """Dispatch on ``cfg.algorithm`` (and whether the TOPD detector is needed)."""
-    if cfg.algorithm == "warmup":
-        return warmup.prepare(cfg, student, prompts, key, frozen, timings)
-    if cfg.algorithm == "sft":
-        return sft.prepare(cfg, student, prompts, key, frozen, timings)
-    if cfg.algorithm == "grpo":
-        return grpo.prepare(cfg, student, prompts, key, frozen, timings)
-    if cfg.algorithm == "tapo":
-        return tapo.prepare(cfg, student, prompts, key, frozen, timings)
+    """``(PreparedBatch, metrics, rollouts)``: dispatch on ``cfg.algorithm`` (and whether the
+    TOPD detector is needed). Only TOPD's fused main pass adds a ``PrecomputedGrad``."""
     if cfg.uses_detector:
         return topd.prepare(cfg, student, prompts, key, frozen, timings)
-    return opd.prepare(cfg, student, prompts, key, frozen, timings)
+    module = {"warmup": warmup, "sft": sft, "grpo": grpo, "tapo": tapo, "opd": opd}[cfg.algorithm]
+    batch, metrics, rollouts = module.prepare(cfg, student, prompts, key, frozen, timings)
+    return PreparedBatch(batch), metrics, rollouts
 
 
 def build_objective(cfg: RunConfig, graphdef, seq_len: int):
@@ -45,5 +42,5 @@ def build_objective(cfg: RunConfig, graphdef, seq_len: int):
     return make_loss_fn(spec, graphdef), functools.partial(add_normalizers, spec)
 
 
-__all__ = ["Frozen", "LossSpec", "RlSpec", "build_objective", "grpo", "make_loss_fn", "opd", "prepare_batch",
-           "sft", "tapo", "topd", "warmup"]
+__all__ = ["Frozen", "LossSpec", "PrecomputedGrad", "PreparedBatch", "RlSpec", "build_objective", "grpo",
+           "make_loss_fn", "opd", "prepare_batch", "sft", "tapo", "topd", "warmup"]

@@ -8,9 +8,13 @@ One step, after the OPD rollouts and teacher scoring (opd.py):
 2. D_t per slot: ``kl_window`` (no generation), ``ot_embedding`` (K-token continuations of
    teacher and student from c_t = (x, y_<t), embedded with the student's table, entropic
    OT) or ``margin_w1`` (N continuations per side, margins of log p_T - log p_θ, W1);
-3. over the whole batch: suppression weights w_t and guided points (most divergent first);
+3. over the whole batch: false alarms (``losses.false_alarms``; the step's ``losses.topd_loss``
+   turns them into suppression weights) and guided points (most divergent first);
 4. guidance rows c_t + a (teacher continuation) with the teacher's hidden states at the K
    predicting positions, for ``L_traj`` in the step.
+
+With ``topd.fused_main_pass`` ℓ_t comes from the OPD term's own forward pass (``jax.vjp``); the
+batch carries ℓ_t and the gradient pulled back through its residuals (``PrecomputedGrad``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from flax import nnx
 from jax import lax
 
 from topd_jax.algorithms import opd
+from topd_jax.algorithms.objective import LossSpec, main_term_cotangent
 from topd_jax.algorithms.opd import Frozen, Pair, timed
+from topd_jax.algorithms.prepared import PrecomputedGrad, PreparedBatch
 from topd_jax.algorithms.scoring import forward_hidden, hidden_states, score_tokens, token_divergences
 from topd_jax.losses import (
     false_alarms,
@@ -41,7 +47,6 @@ from topd_jax.rollout import GenerationResult, continue_from
 from topd_jax.rollout.engine import left_align
 from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
-from topd_jax.train.step import PRECOMPUTED_TERM
 
 
 # ---- ℓ_t and candidates ---------------------------------------------------------------------
@@ -58,26 +63,25 @@ def _token_loss_jit(graphdef, params, ids, seq_mask, loss_mask, teacher_hidden, 
 DETECTOR_CHUNK = 16
 
 
-def token_loss_with_vjp(cfg: RunConfig, student, rows: dict, teacher_hidden, teacher_head):
+def main_pass_vjp(cfg: RunConfig, graphdef, params, rows: dict, teacher_hidden, teacher_head):
     """``(ℓ [R, L], vjp_fn)``: ℓ_t from the OPD term's own forward pass (the update's: same
-    chunking, ``loss.vocab_chunk``), its residuals kept so that ``vjp_fn(ct)`` gives the OPD
-    gradient without a second forward (``topd.fused_main_pass``)."""
-    graphdef, params = nnx.split(student)
+    chunking, ``loss.vocab_chunk``), its residuals kept so that ``vjp_fn(∂L/∂ℓ)`` gives the
+    OPD gradient without a second forward (``topd.fused_main_pass``; ``--plan`` compiles it)."""
     kw = dict(kind=cfg.loss.divergence, beta=cfg.loss.jsd_beta, temperature=cfg.loss.kd_temperature,
               chunk=cfg.loss.vocab_chunk)
     return jax.vjp(lambda p: _token_loss_jit(graphdef, p, rows["ids"], rows["seq_mask"], rows["loss_mask"],
                                              teacher_hidden, teacher_head, **kw), params)
 
 
-@jax.jit
-def opd_cotangent(loss, loss_mask, weights):
-    """The OPD term ``Σ w_t ℓ_t / Σ w_t`` over the batch (TOPD's normalisation, ``add_normalizers``):
-    ``(value, dvalue/dℓ [R, L], (Σ ℓ·mask, Σ mask))``."""
-    w = loss_mask.astype(jnp.float32) * weights
-    norm = jnp.sum(w)
-    ct = w / jnp.where(norm > 0, norm, 1.0)
-    m = loss_mask.astype(jnp.float32)
-    return jnp.sum(ct * loss), ct, (jnp.sum(loss * m), jnp.sum(m))
+def token_loss_with_vjp(cfg: RunConfig, student, rows: dict, teacher_hidden, teacher_head):
+    """``main_pass_vjp`` of the student model."""
+    graphdef, params = nnx.split(student)
+    return main_pass_vjp(cfg, graphdef, params, rows, teacher_hidden, teacher_head)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cotangent_jit(spec: LossSpec, token_loss, batch):
+    return main_term_cotangent(spec, token_loss, batch)
 
 
 def token_loss(cfg: RunConfig, student, rows: dict, teacher_hidden, teacher_head) -> jax.Array:
@@ -284,21 +288,20 @@ def guidance_batch(cfg: RunConfig, rows, slots, idx, g_valid, conts, key, frozen
 
 
 # ---- the whole preparation ------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("quantile", "regime", "suppress", "weight", "guidance",
-                                             "max_per_row"))
-def classify(cand, pos, valid, d_slot, weights, loss, loss_mask, *, quantile: float, regime: str,
-             suppress: bool, weight: float, guidance: bool, max_per_row: int | None):
-    """Over the whole batch (before any micro-batching, as in the paper): suppression weights,
-    guided slots and the detector metrics' sums, in one compiled call.
+@functools.partial(jax.jit, static_argnames=("quantile", "regime", "suppress", "guidance", "max_per_row"))
+def classify(cand, pos, valid, d_slot, loss, loss_mask, *, quantile: float, regime: str, suppress: bool,
+             guidance: bool, max_per_row: int | None):
+    """Over the whole batch (before any micro-batching, as in the paper): D token-indexed, the
+    false alarms of the suppressed regime, guided slots and the detector metrics' sums, in one
+    compiled call.
 
-    Returns ``(weights [R, L], idx [R, m] | None, g_valid [R, m] | None, sums)``.
+    Returns ``(divergence [R, L], false_alarm [R, L], idx [R, m] | None, g_valid [R, m] | None,
+    sums)``.
     """
     d_slot = jnp.where(valid, d_slot, 0.0)
     d_tok = scatter_slots(d_slot, pos, valid, loss.shape[1])
     suppressed = false_alarms(cand, d_tok, quantile=quantile, regime=regime)
     low = false_alarms(cand, d_tok, quantile=quantile, regime="low_divergence")
-    if suppress:
-        weights = jnp.where(suppressed, jnp.float32(weight), weights)
     m = loss_mask.astype(jnp.float32)
     sums = {"loss": jnp.sum(loss * m), "tokens": jnp.sum(m), "cand": jnp.sum(cand), "low": jnp.sum(low),
             "suppressed": jnp.sum(suppressed) if suppress else jnp.float32(0.0), "div": jnp.sum(d_slot)}
@@ -306,12 +309,12 @@ def classify(cand, pos, valid, d_slot, weights, loss, loss_mask, *, quantile: fl
     if guidance:
         idx, g_valid = guided_slots(cand, d_tok, d_slot, valid, pos, quantile=quantile, max_per_row=max_per_row)
         sums["guided"] = jnp.sum(g_valid)
-    return weights, idx, g_valid, sums
+    return d_tok, suppressed, idx, g_valid, sums
 
 
 def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,
-            timings: dict[str, float]) -> tuple[dict, dict[str, Pair], GenerationResult]:
-    """OPD's batch plus suppression weights and (TOPD) guidance rows; see the module doc."""
+            timings: dict[str, float]) -> tuple[PreparedBatch, dict[str, Pair], GenerationResult]:
+    """OPD's batch plus the detector's classification and (TOPD) guidance rows; see the module doc."""
     k_roll, k_det, k_guide = jax.random.split(key, 3)
     # The student branches from its own rollout cache (no second prefill of the rollouts).
     keep_cache = needs_student_continuations(cfg)
@@ -325,22 +328,29 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
                              frozen.teacher_head)
     else:
         loss = timed(timings, "scoring", token_loss, cfg, student, batch, t_hidden, frozen.teacher_head)
+    del t_hidden
     slots = candidate_slots(loss, batch["loss_mask"], mode=t.candidate_mode, num=t.num_candidates,
                             min_separation=t.min_separation, quantile=t.candidate_quantile, rollback=t.rollback)
     cand, pos, valid, _ = slots
     d_slot, conts = detect(cfg, student, batch, loss, slots, k_det, frozen, timings, gen.cache)
     gen = gen.replace(cache=None)  # not part of what prepare returns (memory)
     mode = cfg.suppression
-    batch["weights"], idx, g_valid, sums = classify(
-        cand, pos, valid, d_slot, batch["weights"], loss, batch["loss_mask"], quantile=t.false_alarm_quantile,
+    del batch["weights"]  # the step's topd_loss weighs the tokens from the classification
+    batch["divergence"], batch["false_alarm"], idx, g_valid, sums = classify(
+        cand, pos, valid, d_slot, loss, batch["loss_mask"], quantile=t.false_alarm_quantile,
         regime="high_divergence" if mode == "high_divergence" else "low_divergence", suppress=mode != "none",
-        weight=t.suppression_weight, guidance=cfg.uses_guidance, max_per_row=t.max_guided_points)
-    if cfg.fuses_main_pass:  # the OPD term's gradient from the kept residuals (no second forward)
-        value, ct, kl_pair = opd_cotangent(loss, batch["loss_mask"], batch["weights"])
+        guidance=cfg.uses_guidance, max_per_row=t.max_guided_points)
+    batch["candidates"] = cand
+    precomputed = None
+    if cfg.fuses_main_pass:  # ∂L/∂ℓ pulled back through the kept residuals (no second forward)
+        spec = LossSpec.from_config(cfg, batch["ids"].shape[1])
+        ct = _cotangent_jit(spec, loss, {k: batch[k] for k in ("loss_mask", "candidates", "divergence",
+                                                                "false_alarm")})
         (grads,) = timed(timings, "scoring", vjp_fn, ct)
         del vjp_fn  # frees the residuals
-        batch[PRECOMPUTED_TERM] = (value, grads)  # TrainStep adds it to the loss and gradients
-        metrics.update(token_kl=kl_pair, opd_loss=(value, 1.0))
+        del batch["teacher_hidden"]  # the step reads ℓ_t instead
+        batch["token_loss"] = loss
+        precomputed = PrecomputedGrad(grads, through=("token_loss",))
     sums = {k: float(v) for k, v in jax.device_get(sums).items()}
     rows_n = pos.shape[0]
     metrics.update({
@@ -355,4 +365,4 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     if cfg.uses_guidance:
         batch.update(guidance_batch(cfg, batch, slots, idx, g_valid, conts, k_guide, frozen, timings))
         metrics["guided_points_per_rollout"] = (sums["guided"], rows_n)
-    return batch, metrics, gen
+    return PreparedBatch(batch, precomputed), metrics, gen

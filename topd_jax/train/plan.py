@@ -135,11 +135,10 @@ def opt_state_bytes(tx, params: nnx.State, mesh: dict[str, int]) -> int:
 
 
 def kv_cache_bytes(config: ModelConfig, rows: int, slots: int, mesh: dict[str, int]) -> int:
-    """Per-device bytes of k and v, one ``[rows, kv_heads, slots, head_dim]`` array per layer
-    (compute dtype). The cache's ``[rows, slots]`` bool mask is not counted (1 byte per slot)."""
-    shape = (rows, config.num_kv_heads, slots, config.head_dim)
-    return 2 * config.num_layers * shard_bytes(shape, config.compute_dtype,
-                                               logical_to_spec(CACHE_KV_AXES, shape, mesh), mesh)
+    """Per-device bytes of k and v ``[layers, rows, kv_heads, slots, head_dim]`` (compute dtype).
+    The cache's ``[rows, slots]`` bool mask is not counted (1 byte per slot)."""
+    shape = (config.num_layers, rows, config.num_kv_heads, slots, config.head_dim)
+    return 2 * shard_bytes(shape, config.compute_dtype, logical_to_spec(CACHE_KV_AXES, shape, mesh), mesh)
 
 
 def row_bytes(shape: Sequence[int], dtype, mesh: dict[str, int]) -> int:
@@ -277,7 +276,7 @@ def memory_plan(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | Non
     notes.append("attention: the model materialises [rows, heads, T, T] scores in float32 (no flash "
                  "attention); the estimate is the largest single layer, other activations not counted")
     if compile_step:
-        rows["compiled step temporaries"] = compiled_step_temp_bytes(cfg, student, teacher, s_params, tx)
+        rows.update(compiled_temp_rows(cfg, student, teacher, s_params, tx))
     else:
         notes.append("compiled step temporaries not measured (large model, --plan-devices differs "
                      "from the local device count, --no-compile, or not a distillation algorithm)")
@@ -286,7 +285,8 @@ def memory_plan(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | Non
 
 def step_batch(cfg: RunConfig, teacher: ModelConfig | None) -> dict[str, jax.ShapeDtypeStruct]:
     """Abstract arrays of one update batch (keys as ``algorithms.prepare_batch`` makes them for
-    the distillation algorithms; for sft/RL only the rows and masks they share)."""
+    the distillation algorithms, fused main pass included; for sft/RL only the rows and masks
+    they share)."""
     from topd_jax.train.loop import rollout_len
     R, L = cfg.data.prompts_per_step * cfg.rollout.n, rollout_len(cfg)
     sds = jax.ShapeDtypeStruct
@@ -295,7 +295,16 @@ def step_batch(cfg: RunConfig, teacher: ModelConfig | None) -> dict[str, jax.Sha
     if not cfg.needs_teacher:
         return b
     d_t, h_dtype = teacher.hidden_size, teacher.compute_dtype  # forward_hidden: the compute dtype
-    b["teacher_hidden"] = sds((R, L, d_t), h_dtype)
+    if cfg.uses_detector:  # topd.prepare: the classification instead of weights
+        del b["weights"]
+        b.update(candidates=sds((R, L), bool), divergence=sds((R, L), jnp.float32),
+                 false_alarm=sds((R, L), bool))
+    if cfg.fuses_main_pass:  # the step reads ℓ_t, not the teacher's hidden states
+        b["token_loss"] = sds((R, L), jnp.float32)
+    elif cfg.loss.estimator == "sampled_token":
+        b["teacher_logp"] = sds((R, L), jnp.float32)
+    else:
+        b["teacher_hidden"] = sds((R, L, d_t), h_dtype)
     if cfg.uses_guidance:
         G, K = R * guided_points(cfg), cfg.topd.window
         b.update(g_ids=sds((G, L + K), jnp.int32), g_mask=sds((G, L + K), bool), g_window=sds((G, K), bool),
@@ -303,36 +312,81 @@ def step_batch(cfg: RunConfig, teacher: ModelConfig | None) -> dict[str, jax.Sha
     return b
 
 
-def compiled_step_temp_bytes(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig,
-                             s_params: nnx.State, tx) -> int:
-    """XLA's temporary bytes (per device) of the real jitted update, compiled on the local mesh."""
-    from topd_jax.algorithms import build_objective
+def compiled_temp_rows(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig,
+                       s_params: nnx.State, tx) -> dict[str, int]:
+    """XLA's temporary bytes (per device) of what runs with a gradient, compiled on the local
+    mesh: the jitted update, and with ``topd.fused_main_pass`` also the OPD term's forward and
+    backward that run in ``topd.prepare`` (``topd.main_pass_vjp``; its residuals stay live
+    through the detector) plus the gradient it hands the step."""
+    rows = {"compiled step temporaries": compiled_step_temp_bytes(cfg, student, teacher, s_params, tx)}
+    if cfg.fuses_main_pass:
+        rows["compiled fused ℓ_t pass temporaries (forward + backward)"] = \
+            compiled_main_pass_temp_bytes(cfg, student, teacher, s_params, tx)
+        rows["fused ℓ_t pass gradient (step input)"] = param_bytes(s_params, mesh_shape(cfg, jax.device_count()))
+    return rows
+
+
+def _compile_setup(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig, s_params: nnx.State, tx):
+    """Mesh, graphdef, train-state shardings and the abstract teacher head on the local devices."""
     from topd_jax.sharding import make_mesh
-    from topd_jax.train.loop import rollout_len
-    from topd_jax.train.optim import lr_schedule
-    from topd_jax.train.state import TrainState, train_state_shardings
-    from topd_jax.train.step import TrainStep
+    from topd_jax.train.state import train_state_shardings
     m = cfg.mesh
     mesh = make_mesh(ShardingMesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen(student, rngs=nnx.Rngs(0))))
     shardings = train_state_shardings(tx, s_params, mesh)
+    head_shape = (teacher.hidden_size, teacher.vocab_size)  # [d, V], laid out as lm_head_weight() is
+    head = jax.ShapeDtypeStruct(head_shape, teacher.weight_dtype, sharding=jax.sharding.NamedSharding(
+        mesh, logical_to_spec(("embed", "vocab"), head_shape, dict(mesh.shape))))
+    return mesh, graphdef, shardings, head
+
+
+def compiled_step_temp_bytes(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig,
+                             s_params: nnx.State, tx) -> int:
+    """XLA's temporary bytes (per device) of the real jitted update, compiled on the local mesh
+    for the batch ``prepare_batch`` hands it (with the fused pass: ℓ_t and a ``PrecomputedGrad``)."""
+    from topd_jax.algorithms import build_objective
+    from topd_jax.algorithms.prepared import PrecomputedGrad, PreparedBatch
+    from topd_jax.train.loop import rollout_len
+    from topd_jax.train.optim import lr_schedule
+    from topd_jax.train.state import TrainState
+    from topd_jax.train.step import TrainStep
+    mesh, graphdef, shardings, head = _compile_setup(cfg, student, teacher, s_params, tx)
     sds = jax.ShapeDtypeStruct
     state = TrainState(step=sds((), jnp.int32), opt_steps=sds((), jnp.int32), params=s_params,
                        opt_state=jax.eval_shape(tx.init, s_params), rng=sds((2,), jnp.uint32))
-    # As train.loop builds it, except that TOPD's fused OPD term (topd.fused_main_pass: its
-    # forward and backward run in prepare via jax.vjp) is compiled into the step here, so the
-    # row counts that work, which happens either way.
-    cfg = dataclasses.replace(cfg, topd=dataclasses.replace(cfg.topd, fused_main_pass=False))
-    loss_fn, normalize = build_objective(cfg, graphdef, rollout_len(cfg))
+    loss_fn, normalize = build_objective(cfg, graphdef, rollout_len(cfg))  # as train.loop builds it
     step = TrainStep(loss_fn, tx, lr_schedule(cfg.optim, cfg.steps), shardings, mesh,
                      micro_batches=cfg.optim.micro_batches, normalize=normalize)
-    batch = step_batch(cfg, teacher)
-    head_shape = (teacher.hidden_size, teacher.vocab_size)  # [d, V], laid out as lm_head_weight() is
-    head = sds(head_shape, teacher.weight_dtype, sharding=jax.sharding.NamedSharding(
-        mesh, logical_to_spec(("embed", "vocab"), head_shape, dict(mesh.shape))))
+    pre = PrecomputedGrad(s_params, through=("token_loss",)) if cfg.fuses_main_pass else None
+    batch = PreparedBatch(step_batch(cfg, teacher), pre)
     with jax.set_mesh(mesh):
-        fn, _, _ = step._fn(batch, head, False)
-        analysis = fn.lower(state, batch, head, None).compile().memory_analysis()
+        fn, _, _ = step.compiled(batch, head)
+        analysis = fn.lower(state, batch.arrays, head, pre).compile().memory_analysis()
+    return int(analysis.temp_size_in_bytes)
+
+
+def compiled_main_pass_temp_bytes(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig,
+                                  s_params: nnx.State, tx) -> int:
+    """XLA's temporary bytes (per device) of TOPD's fused main pass as one program: ℓ_t's
+    forward with its residuals, then ∂L/∂ℓ pulled back through them (``topd.main_pass_vjp``)."""
+    from topd_jax.algorithms.topd import main_pass_vjp
+    from topd_jax.train.loop import rollout_len
+    from topd_jax.train.step import batch_shardings
+    mesh, graphdef, shardings, head = _compile_setup(cfg, student, teacher, s_params, tx)
+    R, L = cfg.data.prompts_per_step * cfg.rollout.n, rollout_len(cfg)
+    sds = jax.ShapeDtypeStruct
+    rows = {"ids": sds((R, L), jnp.int32), "seq_mask": sds((R, L), bool), "loss_mask": sds((R, L), bool),
+            "teacher_hidden": sds((R, L, teacher.hidden_size), teacher.compute_dtype),
+            "ct": sds((R, L), jnp.float32)}
+    r_sh = batch_shardings(rows, mesh)
+
+    def grads(params, rows, head):
+        _, vjp_fn = main_pass_vjp(cfg, graphdef, params, rows, rows["teacher_hidden"], head)
+        return vjp_fn(rows["ct"])[0]
+
+    with jax.set_mesh(mesh):
+        fn = jax.jit(grads, in_shardings=(shardings.params, r_sh, head.sharding), out_shardings=shardings.params)
+        analysis = fn.lower(s_params, rows, head).compile().memory_analysis()
     return int(analysis.temp_size_in_bytes)
 
 

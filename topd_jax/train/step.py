@@ -1,7 +1,7 @@
 """The jitted update: gradients accumulated over micro-batches, AdamW, non-finite skip.
 
     step = TrainStep(loss_fn, tx, schedule, shardings, mesh, micro_batches=4, coefs=..., updates=1)
-    state, metrics = step(state, batch, teacher_head)   # state donated
+    state, metrics = step(state, batch, teacher_head)   # state donated; batch: PreparedBatch or rows
 
 ``loss_fn(params, micro_batch, teacher_head) -> (terms, metrics)`` with ``{name: (sum,
 count)}`` values (``algorithms.objective``). The loss is ``Σ_k coef_k Σ sum_k / Σ count_k``
@@ -11,6 +11,11 @@ loss or gradient norm is not finite keeps the old params and optimizer state (``
 
 Shardings are explicit: the state in and out by ``shardings`` (logical rules), batch rows
 over ``("data", "fsdp")`` (``act_batch``), the teacher head as it lies, metrics replicated.
+
+A ``PreparedBatch`` may carry a ``PrecomputedGrad`` (TOPD's fused main pass): the gradient of
+the loss through batch arrays that the loss reads as constants, computed before the step. It
+is added to the gradient (not to the loss: the loss already counts those arrays' value) and
+needs one update on the whole batch (``micro_batches=1``, ``updates=1``).
 """
 
 from __future__ import annotations
@@ -22,13 +27,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from topd_jax.algorithms.prepared import PrecomputedGrad, PreparedBatch
 from topd_jax.sharding import logical_to_spec
 from topd_jax.train.optim import accumulate_gradients, select_if_finite, split_micro_batches
 from topd_jax.train.state import TrainState, replicated
-
-
-# Batch key of a loss term computed outside the step: ``(value, grads like params)``.
-PRECOMPUTED_TERM = "_precomputed_term"
 
 
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
@@ -42,16 +44,15 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedShar
 
 def _apply_update(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
                   micro_batches: int, coefs: Mapping[str, float] | None, normalize: Callable | None,
-                  extra=None):
+                  precomputed: PrecomputedGrad | None = None):
     """Gradient over ``batch`` and one optimizer update (traced): ``(params, opt_state, ok, metrics)``.
-    ``extra``: ``(value, grads)`` of a loss term computed outside (added to the loss and grads)."""
+    ``precomputed``: gradient through constants of the loss, added to the differentiated one."""
     if normalize is not None:
         batch = normalize(batch)
     loss, grads, terms, metrics = accumulate_gradients(
         lambda p, mb: loss_fn(p, mb, teacher_head), state.params, batch, micro_batches, coefs)
-    if extra is not None:
-        loss = loss + extra[0]
-        grads = jax.tree.map(jnp.add, grads, extra[1])
+    if precomputed is not None:
+        grads = jax.tree.map(jnp.add, grads, precomputed.grads)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Non-finite gradients would poison Adam's moments even if the update were dropped:
@@ -68,9 +69,9 @@ def _apply_update(state: TrainState, batch, teacher_head, *, loss_fn: Callable, 
     return params, opt_state, ok, out
 
 
-def update_impl(state: TrainState, batch, teacher_head, extra=None, *, loss_fn: Callable, tx, schedule,
-                micro_batches: int, coefs: Mapping[str, float], normalize: Callable | None = None,
-                updates: int = 1):
+def update_impl(state: TrainState, batch, teacher_head, precomputed: PrecomputedGrad | None = None, *,
+                loss_fn: Callable, tx, schedule, micro_batches: int, coefs: Mapping[str, float],
+                normalize: Callable | None = None, updates: int = 1):
     """One step (traced): ``updates`` optimizer updates on as many consecutive row
     mini-batches of ``batch`` (PPO-style; 1: one update on the whole batch). ``normalize(b)``
     may add param-independent arrays computed over the (mini-)batch (global counts).
@@ -79,10 +80,11 @@ def update_impl(state: TrainState, batch, teacher_head, extra=None, *, loss_fn: 
     averaged and ``skipped`` is the fraction of skipped updates."""
     kw = dict(loss_fn=loss_fn, tx=tx, schedule=schedule, micro_batches=micro_batches, coefs=coefs,
               normalize=normalize)
-    if extra is not None and updates != 1:
-        raise ValueError("a precomputed loss term (extra) needs updates=1")
+    if precomputed is not None and (updates != 1 or micro_batches != 1):
+        raise ValueError(f"a PrecomputedGrad needs one update on the whole batch, got updates={updates}, "
+                         f"micro_batches={micro_batches}")
     if updates == 1:
-        params, opt_state, ok, out = _apply_update(state, batch, teacher_head, extra=extra, **kw)
+        params, opt_state, ok, out = _apply_update(state, batch, teacher_head, precomputed=precomputed, **kw)
         opt_steps = state.opt_steps + ok.astype(jnp.int32)
     else:
         def body(carry, mini):
@@ -112,29 +114,33 @@ class TrainStep:
         self.shardings, self.mesh = shardings, mesh
         self._compiled: dict[tuple, Callable] = {}
 
-    def _fn(self, batch, teacher_head, with_extra: bool):
-        key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())) + (with_extra,)
+    def compiled(self, batch: PreparedBatch, teacher_head):
+        """``(jitted fn(state, arrays, head, precomputed), arrays' shardings, head sharding)`` for
+        the structure of ``batch`` (abstract arrays are fine: ``--plan`` lowers it)."""
+        arrays, pre = batch.arrays, batch.precomputed
+        through = None if pre is None else pre.through
+        key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in arrays.items())) + (through,)
         if key not in self._compiled:
-            b_sh = batch_shardings(batch, self.mesh)
+            b_sh = batch_shardings(arrays, self.mesh)
             head_sh = getattr(teacher_head, "sharding", None)
             if not isinstance(head_sh, NamedSharding):
                 head_sh = replicated(self.mesh)
 
-            def fn(state, batch, head, extra):
-                return update_impl(state, batch, head, extra, **self._kw)
+            def fn(state, arrays, head, precomputed):
+                return update_impl(state, arrays, head, precomputed, **self._kw)
 
-            extra_sh = (replicated(self.mesh), self.shardings.params) if with_extra else None
-            self._compiled[key] = (jax.jit(fn, in_shardings=(self.shardings, b_sh, head_sh, extra_sh),
+            pre_sh = None if pre is None else PrecomputedGrad(self.shardings.params, through=through)
+            self._compiled[key] = (jax.jit(fn, in_shardings=(self.shardings, b_sh, head_sh, pre_sh),
                                            out_shardings=(self.shardings, replicated(self.mesh)),
                                            donate_argnums=0), b_sh, head_sh)
         return self._compiled[key]
 
-    def __call__(self, state: TrainState, batch: Mapping[str, Any], teacher_head) -> tuple[TrainState, dict]:
-        """``batch[PRECOMPUTED_TERM]``, if present: ``(value, grads)`` of a loss term computed
-        outside the step (TOPD's fused OPD term, ``algorithms.topd``), added to the loss and
-        the gradients; every other entry is rows."""
-        batch = dict(batch)
-        extra = batch.pop(PRECOMPUTED_TERM, None)
-        fn, b_sh, head_sh = self._fn(batch, teacher_head, extra is not None)
-        batch = {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
-        return fn(state, batch, jax.device_put(teacher_head, head_sh), extra)
+    def __call__(self, state: TrainState, batch: PreparedBatch | Mapping[str, Any],
+                 teacher_head) -> tuple[TrainState, dict]:
+        """One step on ``batch``: a ``PreparedBatch`` (rows and an optional ``PrecomputedGrad``,
+        see the module docstring), or a mapping of rows alone."""
+        if not isinstance(batch, PreparedBatch):
+            batch = PreparedBatch(dict(batch))
+        fn, b_sh, head_sh = self.compiled(batch, teacher_head)
+        arrays = {k: jax.device_put(v, b_sh[k]) for k, v in batch.arrays.items()}
+        return fn(state, arrays, jax.device_put(teacher_head, head_sh), batch.precomputed)
