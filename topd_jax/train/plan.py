@@ -135,10 +135,11 @@ def opt_state_bytes(tx, params: nnx.State, mesh: dict[str, int]) -> int:
 
 
 def kv_cache_bytes(config: ModelConfig, rows: int, slots: int, mesh: dict[str, int]) -> int:
-    """Per-device bytes of k and v ``[layers, rows, kv_heads, slots, head_dim]`` (compute dtype).
-    The cache's ``[rows, slots]`` bool mask is not counted (1 byte per slot)."""
-    shape = (config.num_layers, rows, config.num_kv_heads, slots, config.head_dim)
-    return 2 * shard_bytes(shape, config.compute_dtype, logical_to_spec(CACHE_KV_AXES, shape, mesh), mesh)
+    """Per-device bytes of k and v, one ``[rows, kv_heads, slots, head_dim]`` array per layer
+    (compute dtype). The cache's ``[rows, slots]`` bool mask is not counted (1 byte per slot)."""
+    shape = (rows, config.num_kv_heads, slots, config.head_dim)
+    return 2 * config.num_layers * shard_bytes(shape, config.compute_dtype,
+                                               logical_to_spec(CACHE_KV_AXES, shape, mesh), mesh)
 
 
 def row_bytes(shape: Sequence[int], dtype, mesh: dict[str, int]) -> int:
