@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from topd_jax.algorithms import Frozen, build_objective, grpo, opd, tapo
-from topd_jax.algorithms.rl_objective import token_coefficients
+from topd_jax.algorithms.rl_objective import RlSpec, add_rl_normalizers
 from topd_jax.configs import DEMO_CONFIG
 from topd_jax.data import synthetic
 from topd_jax.data.prompts import collate
@@ -193,24 +193,18 @@ def test_rl_update_is_finite_and_moves_probability_toward_right_rollouts(setup, 
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
-def test_token_coefficients_match_numpy_aggregation(aggregation):
+def test_rl_normalizers_are_each_terms_token_or_row_count(aggregation):
+    """The counts that divide G_orig's and G_ref's sums (losses.aggregate's): tokens, or
+    non-empty rows, of each term; padding rows (term -1) count in neither."""
     rng = np.random.default_rng(0)
     mask = rng.random((7, 9)) < 0.6
     mask[3] = False  # an empty row
     term = np.array([0, 0, 1, 0, 1, -1, 1])
-    loss = rng.normal(size=(7, 9))
-    coef = np.asarray(token_coefficients(jnp.asarray(mask), jnp.asarray(term), aggregation=aggregation,
-                                         term_weights=(1.0, 0.5)))
-
-    def agg(rows):
-        if aggregation == "token_mean":
-            return loss[rows][mask[rows]].sum() / mask[rows].sum()
-        means = [loss[r][mask[r]].mean() for r in rows if mask[r].any()]
-        return np.mean(means)
-
-    expected = agg(np.flatnonzero(term == 0)) + 0.5 * agg(np.flatnonzero(term == 1))
-    np.testing.assert_allclose((coef * loss).sum(), expected, rtol=1e-5)
-    assert (coef[term == -1] == 0).all() and (coef[~mask] == 0).all()
+    norm = np.asarray(add_rl_normalizers(RlSpec(aggregation=aggregation, ref_weight=0.5),
+                                         {"loss_mask": jnp.asarray(mask), "term": jnp.asarray(term)})["rl_norm"])
+    per_row = mask.sum(1) if aggregation == "token_mean" else mask.any(1)
+    want = [per_row[term == 0].sum(), per_row[term == 1].sum()]
+    assert norm.shape == (7, 2) and (norm == np.asarray(want, np.float32)[None]).all()
 
 
 def test_two_updates_per_batch_equal_two_steps_on_the_halves(setup, monkeypatch):

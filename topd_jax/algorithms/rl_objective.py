@@ -11,9 +11,10 @@
   ref_logp                   log π_ref(y_t) (only with ``grpo.kl_coef > 0``)
 
 The loss is ``L = L_GRPO(G_orig) + λ · L_ref(G_ref)`` (TAPO.md step 8), each term
-aggregated as ``token_mean`` or ``sequence_mean`` over its own rows. ``add_rl_normalizers``
-turns that into one per-token coefficient ``tok_coef [R, L]`` from the masks of the batch
-it is given, so the loss is a single term ``Σ_t tok_coef_t · ℓ_t`` that splits into
+``losses.aggregate`` (``token_mean`` or ``sequence_mean``) of ``losses.clipped_surrogate``
+(+ ``kl_coef · losses.kl_to_reference``) over its own rows: ``sum_k / count_k``.
+``add_rl_normalizers`` puts the counts of the batch it is given into it (``rl_norm [R, 2]``,
+per-row copies), so the loss is a single term ``Σ_k λ_k sum_k / count_k`` that splits into
 micro-batches exactly (one backward pass), and a mini-batch (``grpo.updates_per_batch``)
 is normalised by its own counts.
 """
@@ -28,7 +29,7 @@ from flax import nnx
 
 from topd_jax.algorithms.objective import metric_pair
 from topd_jax.algorithms.scoring import hidden_states, token_logprobs
-from topd_jax.losses import clipped_surrogate, kl_to_reference
+from topd_jax.losses import aggregate, clipped_surrogate, kl_to_reference
 from topd_jax.train.config import RunConfig
 
 
@@ -53,41 +54,29 @@ class RlSpec:
                    chunk=cfg.loss.vocab_chunk, micro_batches=cfg.optim.micro_batches)
 
 
-def token_coefficients(loss_mask: jax.Array, term: jax.Array, *, aggregation: str,
-                       term_weights: tuple[float, ...]) -> jax.Array:
-    """``[R, L]`` float32 coefficients such that ``Σ coef · ℓ = Σ_k weight_k · agg_k(ℓ)``.
+def term_masks(loss_mask: jax.Array, term: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(G_orig, G_ref)`` token masks ``[R, L]`` bool: the trained tokens of rows with term 0
+    and 1 (term ``[R]``; -1 = padding row, in neither)."""
+    mask = loss_mask.astype(bool)
+    return mask & (term == 0)[:, None], mask & (term == 1)[:, None]
 
-    loss_mask ``[R, L]``; term ``[R]`` (k >= 0: the row's term, -1: ignored).
-    ``token_mean``: agg_k = Σ_{rows of k, tokens} ℓ / (number of those tokens);
-    ``sequence_mean``: agg_k = mean over k's non-empty rows of each row's token mean.
-    An empty term contributes 0 (no division by zero).
-    """
-    mask = loss_mask.astype(jnp.float32)
-    row_tokens = jnp.sum(mask, axis=1)  # [R]
-    coef = jnp.zeros_like(mask)
-    for k, weight in enumerate(term_weights):
-        in_k = (term == k).astype(jnp.float32)  # [R]
-        if aggregation == "token_mean":
-            n = jnp.sum(in_k * row_tokens)
-            per_row = in_k / jnp.where(n > 0, n, 1.0)
-        elif aggregation == "sequence_mean":
-            rows = jnp.sum(in_k * (row_tokens > 0))
-            per_row = in_k / (jnp.where(row_tokens > 0, row_tokens, 1.0) * jnp.where(rows > 0, rows, 1.0))
-        else:
-            raise ValueError(f"aggregation must be token_mean or sequence_mean, got {aggregation!r}")
-        coef = coef + weight * per_row[:, None] * mask
-    return coef
+
+def term_weights(spec: RlSpec) -> tuple[float, float]:
+    """λ_k of ``(G_orig, G_ref)``: 1 and ``tapo.ref_weight`` (0 for GRPO)."""
+    return 1.0, spec.ref_weight
 
 
 def add_rl_normalizers(spec: RlSpec, batch: dict) -> dict:
-    """Add ``tok_coef [R, L]`` for the rows of ``batch`` (params-independent)."""
-    coef = token_coefficients(batch["loss_mask"], batch["term"], aggregation=spec.aggregation,
-                              term_weights=(1.0, spec.ref_weight))
-    return dict(batch, tok_coef=coef)
+    """Add ``rl_norm [R, 2]``: ``losses.aggregate``'s count of each term over ``batch``'s rows
+    (it depends on the masks only), copied per row so that it splits into micro-batches."""
+    masks = term_masks(batch["loss_mask"], batch["term"])
+    zeros = jnp.zeros(masks[0].shape, jnp.float32)
+    counts = jnp.stack([aggregate(zeros, m, spec.aggregation)[1] for m in masks])  # [2]
+    return dict(batch, rl_norm=jnp.broadcast_to(counts, (masks[0].shape[0], 2)))
 
 
 def make_rl_loss_fn(spec: RlSpec, graphdef: nnx.GraphDef):
-    """``loss_fn(params, mb, _unused_head) -> ({"rl": (Σ coef·ℓ, 1/micro)}, metrics)``."""
+    """``loss_fn(params, mb, _unused_head) -> ({"rl": (Σ_k λ_k sum_k / count_k, 1/micro)}, metrics)``."""
 
     def loss_fn(params, mb, _head):
         model = nnx.merge(graphdef, params)
@@ -97,8 +86,7 @@ def make_rl_loss_fn(spec: RlSpec, graphdef: nnx.GraphDef):
         per_token, clipped = clipped_surrogate(logp, mb["old_logp"], mb["advantages"], mask,
                                                clip_low=spec.clip_low, clip_high=spec.clip_high,
                                                weights=mb["weights"])
-        orig = mask & (mb["term"] == 0)[:, None]
-        ref = mask & (mb["term"] == 1)[:, None]
+        orig, ref = term_masks(mask, mb["term"])
         metrics = {"clip_fraction": metric_pair(clipped.astype(jnp.float32), mask),
                    "ratio": metric_pair(jnp.exp(logp - mb["old_logp"]), mask),
                    "pg_orig_loss": metric_pair(per_token, orig)}
@@ -108,9 +96,15 @@ def make_rl_loss_fn(spec: RlSpec, graphdef: nnx.GraphDef):
             kl = kl_to_reference(logp, mb["ref_logp"], mask, estimator=spec.kl_estimator)
             per_token = per_token + spec.kl_coef * kl
             metrics["ref_kl"] = metric_pair(kl, mask)
-        value = jnp.sum(per_token * mb["tok_coef"])
-        # tok_coef already divides by the (mini-)batch's counts; these counts sum to 1 over
-        # the micro-batches, so accumulate_gradients' division is by 1.
+        value = jnp.float32(0.0)
+        for k, (m, weight) in enumerate(zip((orig, ref), term_weights(spec))):
+            if weight == 0:
+                continue
+            total, _ = aggregate(per_token, m, spec.aggregation)  # this micro-batch's sum
+            count = mb["rl_norm"][0, k]  # the (mini-)batch's count
+            value = value + weight * jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
+        # Already divided by the (mini-)batch's counts; these counts sum to 1 over the
+        # micro-batches, so accumulate_gradients' division is by 1.
         return {"rl": (value, jnp.float32(1.0 / spec.micro_batches))}, metrics
 
     return loss_fn
