@@ -18,13 +18,28 @@ def test_opd_run_writes_history_evals_metrics_checkpoints_and_hf_export(tmp_path
     cfg = tiny_config(tmp_path / "run", "eval.at_start=true", "eval.at_end=true", "checkpoint.export_hf=true",
                       "logging.every=2", steps=3)
     result = train(cfg)
-    assert [r["step"] for r in result.history] == [1.0, 2.0, 3.0]
-    for key in ("loss", "token_kl", "grad_norm", "lr", "rollout_len", "time_sampling", "time_scoring",
-                "time_update", "tokens_per_s"):
-        assert np.isfinite(result.history[-1][key]), key
+    h = result.history
+    assert [r["step"] for r in h] == [1.0, 2.0, 3.0]
+    # Plain OPD, no suppression: the loss is the mean per-token reverse KL, i.e. token_kl.
+    for r in h:
+        assert r["loss"] == pytest.approx(r["token_kl"], rel=1e-5) and r["token_kl"] > 0
+        assert r["opd_loss"] == pytest.approx(r["loss"], rel=1e-6) and r["grad_norm"] > 0
+        assert 1 <= r["rollout_len"] <= 10 and r["skipped"] == 0
+        assert 0 < r["time_update"] <= r["time_step"]
+    # No warm-up: cosine from optim.lr to optim.min_lr over the 3 updates.
+    lr, min_lr = 3e-3, 3e-4
+    expect = [min_lr + (lr - min_lr) * 0.5 * (1 + np.cos(np.pi * s / 2)) for s in range(3)]
+    np.testing.assert_allclose([r["lr"] for r in h], expect, rtol=1e-6)
     assert sorted(result.evals) == [0, 3] and all(0 <= a <= 1 for a in result.evals.values())
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "loss" in x] == [2, 3]  # logging.every=2, and the last step
+    rows = {x["step"]: x for x in lines if "loss" in x}
+    assert sorted(rows) == [2, 3]  # logging.every=2, and the last step
+    # A logged row is the mean over its interval's steps (plain numbers count as (x, 1)).
+    for key in ("loss", "grad_norm", "lr", "rollout_len"):
+        assert rows[2][key] == pytest.approx((h[0][key] + h[1][key]) / 2, rel=1e-6), key
+        assert rows[3][key] == pytest.approx(h[2][key], rel=1e-6), key
+    assert [(x["step"], x["eval_accuracy"]) for x in lines if "eval_accuracy" in x] == \
+        [(0, result.evals[0]), (3, result.evals[3])]
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
     assert (result.hf_dir / "config.json").is_file()
     assert result.final_step == 3 and not result.preempted
@@ -37,7 +52,9 @@ def test_topd_run_logs_detector_and_guidance_metrics(tmp_path):
     for key in ("traj_loss", "divergence", "false_alarm_fraction", "guided_points_per_rollout",
                 "candidates_per_rollout"):
         assert key in row and np.isfinite(row[key]), key
-    assert 0 < row["candidates_per_rollout"] <= 2
+    assert 0 < row["candidates_per_rollout"] <= 2  # topd.num_candidates=2
+    assert 0 <= row["false_alarm_fraction"] <= 1 and row["divergence"] >= 0 and row["traj_loss"] >= 0
+    assert 0 <= row["guided_points_per_rollout"] <= 1  # topd.max_guided_points=1
 
 
 def test_non_finite_losses_in_a_row_halt_with_a_clear_message(tmp_path, monkeypatch):
