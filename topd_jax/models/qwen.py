@@ -17,20 +17,19 @@ k kv heads, g query heads per kv head, h head_dim, f mlp hidden, v vocab.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from topd_jax.models.attention import attention
 from topd_jax.models.cache import DEFAULT_BLOCK, KVCache
 from topd_jax.models.config import ModelConfig
 from topd_jax.models.moe import MoEBlock
 from topd_jax.models.params import ACT
 from topd_jax.models.params import param as _param
 from topd_jax.sharding.rules import constrain
-
-# Masked attention scores get the most negative finite float rather than -inf, so a query
-# with no visible key (a padding row) yields a uniform average instead of NaN.
-_MASKED = float(jnp.finfo(jnp.float32).min)
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
@@ -73,26 +72,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(h), masked) v with grouped-query heads.
+class Visibility(NamedTuple):
+    """Which key slots each query sees (models/attention.py): slot s is visible to query (b, t)
+    iff s <= q_slots[b, t] and kv_mask[b, s] (and s < kv_len when given).
 
-    q [B, T, n, h]; k, v [B, S, k, h]; allowed [B, T, S] bool -> [B, T, n, h].
-    Query head j uses kv head j // (n/k), as HF's repeat_kv.
-    """
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, k, g, h]
-    # scores and softmax in float32: bf16 logits of long rows lose the small probabilities
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * h**-0.5  # [B,k,g,T,S]
-    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)  # [B, T, k, g, h]
-    return out.reshape(b, t, n, h)
+    q_slots [B, T] int32; kv_mask [B, S] bool; kv_len int32 scalar or None (no slot at or past it
+    is read: a decode step costs the filled length)."""
+
+    q_slots: jax.Array
+    kv_mask: jax.Array
+    kv_len: jax.Array | None
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.impl, self.block_q, self.block_kv = cfg.attention, cfg.attention_block_q, cfg.attention_block_kv
         self.q_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg, "normal")  # self_attn.q_proj.weight
         kv_axes = ("kv_heads", "head_dim", "embed")
         self.k_proj = _param(rngs, (k, h, d), kv_axes, cfg, "normal")  # self_attn.k_proj.weight
@@ -110,7 +105,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
+    def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, visible: Visibility,
                  cache: KVCache | None, layer: int) -> tuple[jax.Array, KVCache | None]:
         """x [B, T, d] -> [B, T, d]. With a cache, this layer's keys/values of the T new tokens
         are written to slots [index, index + T) of cache.k[layer], and attention reads the slots
@@ -128,8 +123,11 @@ class Attention(nnx.Module):
         if cache is not None:  # write the new keys, attend over the filled blocks only (models/cache.py)
             cache = cache.write(layer, k, v)
             out = cache.attend(q, layer).astype(dt)  # [B, T, n, h]
-        else:
-            out = attend(q, k, v, allowed)  # [B, T, n, h]
+        else:  # self-attention over the T tokens (q_slots = arange(T)): fused kernels apply
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, k, T, h]
+            out = attention(q, k, v, q_slots=visible.q_slots, kv_mask=visible.kv_mask, kv_len=visible.kv_len,
+                            impl=self.impl, block_q=self.block_q, block_kv=self.block_kv,
+                            layout="causal")  # [B, T, n, h]
         return jnp.einsum("btnh,dnh->btd", out, self.o_proj[...].astype(dt)), cache  # [B, T, d]
 
 
@@ -158,9 +156,9 @@ class DecoderLayer(nnx.Module):
         # Qwen3-MoE: routed experts in the layers cfg.is_moe_layer picks, SwiGLU elsewhere
         self.mlp = MoEBlock(cfg, rngs=rngs) if cfg.is_moe_layer(index) else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, *, cos, sin, allowed, cache, layer):
+    def __call__(self, x, *, cos, sin, visible, cache, layer):
         """x [B, T, d] -> [B, T, d] (pre-norm residual block)."""
-        attn_out, cache = self.attn(self.attn_norm(x), cos=cos, sin=sin, allowed=allowed, cache=cache, layer=layer)
+        attn_out, cache = self.attn(self.attn_norm(x), cos=cos, sin=sin, visible=visible, cache=cache, layer=layer)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ACT), cache
@@ -213,25 +211,24 @@ class Qwen(nnx.Module):
         mask = attention_mask.astype(bool)  # [B, T]
         h = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype), ACT)  # [B, T, d]
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, h/2]
-        if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
-            allowed = causal[None] & mask[:, None, :]  # [B, T, T]
+        if cache is None:  # causal among the T tokens: query t sits in slot t
+            visible = Visibility(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), mask.shape), mask, None)
         else:
             cache = cache.admit(mask)  # no dense [B, T, S] mask: the cache's attention reads slot rules
-            allowed = None
+            visible = None
         for i, layer in enumerate(self.layers):
-            h, cache = self._layer(layer, h, cos=cos, sin=sin, allowed=allowed, cache=cache, index=i)
+            h, cache = self._layer(layer, h, cos=cos, sin=sin, visible=visible, cache=cache, index=i)
         if cache is not None:
             cache = cache.advance(t)
         return self.final_norm(h), cache
 
-    def _layer(self, layer, h, *, cos, sin, allowed, cache, index):
-        def run(layer, h, cos, sin, allowed, cache):
-            return layer(h, cos=cos, sin=sin, allowed=allowed, cache=cache, layer=index)
+    def _layer(self, layer, h, *, cos, sin, visible, cache, index):
+        def run(layer, h, cos, sin, visible, cache):
+            return layer(h, cos=cos, sin=sin, visible=visible, cache=cache, layer=index)
 
         if self.config.remat != "none":
             run = nnx.remat(run, policy=_REMAT_POLICIES[self.config.remat])
-        return run(layer, h, cos, sin, allowed, cache)
+        return run(layer, h, cos, sin, visible, cache)
 
     # ---- LM head ------------------------------------------------------------------------------
     def _head_vd(self) -> jax.Array:
