@@ -2,7 +2,8 @@
 
 Arrays in, arrays out. Every function computes in float32 whatever the input dtype
 (bfloat16 logits are upcast first: log-softmax over a 150k vocabulary in bf16 loses
-the tail), honours a ``mask`` (padding and prompt positions contribute exactly 0, and
+the tail) — float64 inputs (under ``jax.enable_x64``) stay float64, which is what exact
+finite-difference checks use — honours a ``mask`` (padding and prompt positions contribute exactly 0, and
 their logits are never read), and produces no NaN from ``-inf`` logits or fully
 masked rows.
 
@@ -34,13 +35,19 @@ DEFAULT_MAX_VOCAB_PADDING = 1024
 # ---------------------------------------------------------------------------
 
 
+def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
+    """float32, or float64 when an input is float64 (bfloat16/float16 are upcast)."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
 def safe_log_softmax(logits: jax.Array) -> jax.Array:
-    """float32 log-softmax over the last axis that tolerates ``-inf`` entries and rows.
+    """float32 (``compute_dtype``) log-softmax over the last axis that tolerates ``-inf``
+    entries and rows.
 
     ``[..., V] -> [..., V]``. Entries at ``-inf`` give ``-inf``; a row that is entirely
     ``-inf`` gives ``-inf`` everywhere (probability 0 everywhere) instead of NaN.
     """
-    x = logits.astype(jnp.float32)
+    x = logits.astype(compute_dtype(logits))
     row_max = jnp.max(x, axis=-1, keepdims=True)
     # An all -inf row has max -inf; shifting by it would give -inf - -inf = NaN.
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -182,8 +189,9 @@ def token_divergence(
     valid = mask.astype(bool)
     # Masked rows are replaced by zeros (a uniform distribution) so their values -- even
     # NaN or all -inf -- can neither leak into the output nor into the gradient.
-    s = jnp.where(valid[..., None], student_logits.astype(jnp.float32), 0.0) / temperature
-    t = jnp.where(valid[..., None], teacher_logits.astype(jnp.float32), 0.0) / temperature
+    dtype = compute_dtype(student_logits, teacher_logits)
+    s = jnp.where(valid[..., None], student_logits.astype(dtype), 0.0) / temperature
+    t = jnp.where(valid[..., None], teacher_logits.astype(dtype), 0.0) / temperature
     div = divergence_from_logp(safe_log_softmax(s), safe_log_softmax(t), kind=kind, beta=beta)
     return jnp.where(valid, div, 0.0)
 
@@ -205,5 +213,6 @@ def sampled_token_kl(student_logp: jax.Array, teacher_logp: jax.Array, mask: jax
             f"{teacher_logp.shape}, mask {mask.shape}"
         )
     valid = mask.astype(bool)
-    diff = student_logp.astype(jnp.float32) - teacher_logp.astype(jnp.float32)
+    dtype = compute_dtype(student_logp, teacher_logp)
+    diff = student_logp.astype(dtype) - teacher_logp.astype(dtype)
     return jnp.where(valid, diff, 0.0)
