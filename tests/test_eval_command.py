@@ -5,13 +5,12 @@ per-sample lines, and a sample does not depend on the batch it was drawn in."""
 import json
 
 import pytest
+import torch  # the [test] extra; transformers is a dependency
+import transformers
 
 from topd_jax.data.tokenizer import build_qwen_tokenizer
 from topd_jax.eval.cli import main
 from topd_jax.eval.generation import pad_batch
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 MAX_NEW = 6
 pytestmark = pytest.mark.slow  # ≈ 30 s: two sampler compilations

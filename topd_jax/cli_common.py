@@ -31,25 +31,31 @@ class CommandFailed(Exception):
     """The command ran and failed: it prints one line and exits 1."""
 
 
-class TqdmHandler(logging.StreamHandler):
-    """A stream handler that writes through ``tqdm.write`` (an active bar is cleared, the
-    line written, the bar redrawn)."""
+class TqdmHandler(logging.Handler):
+    """Writes records through ``tqdm.write`` (an active bar is cleared, the line written, the
+    bar redrawn) to ``stream``, or to whatever ``sys.stderr`` is at the time of the record."""
+
+    def __init__(self, stream=None):
+        super().__init__()
+        self._stream = stream
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
-            self.flush()
+            stream = self._stream if self._stream is not None else sys.stderr
+            tqdm.write(self.format(record), file=stream)
+            stream.flush()
         except Exception:  # noqa: BLE001 - logging's own convention: never raise from emit
             self.handleError(record)
 
 
 def setup_logging(level: str = "info", stream=None) -> logging.Logger:
-    """Route the ``topd_jax`` loggers to ``stream`` (default stderr) at ``level``; idempotent
-    (a second call replaces the handler instead of adding one). Returns the package logger."""
+    """Route the ``topd_jax`` loggers to ``stream`` (default: the current stderr) at ``level``;
+    idempotent (a second call replaces the handler instead of adding one). Returns the
+    package logger."""
     logger = logging.getLogger("topd_jax")
     for h in [h for h in logger.handlers if isinstance(h, TqdmHandler)]:
         logger.removeHandler(h)
-    handler = TqdmHandler(stream if stream is not None else sys.stderr)
+    handler = TqdmHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level.upper())

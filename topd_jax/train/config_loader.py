@@ -197,8 +197,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
 
 def format_help(cls: type = RunConfig) -> str:
     """Every option with its type, default and doc, grouped by section."""
-    lines = ["usage: python -m topd_jax.train [--config FILE.yaml] [key.sub=value ...]", "",
-             "Options (YAML keys, or key.sub=value on the command line):"]
+    return "\n".join(["usage: python -m topd_jax.train [--config FILE.yaml] [key.sub=value ...]", "",
+                      format_options(cls)])
+
+
+def format_options(cls: type = RunConfig) -> str:
+    """The config options (``format_help`` without the usage line): the ``--help`` epilog of
+    ``python -m topd_jax.train``."""
+    lines = ["Config options (YAML keys, or key.sub=value on the command line):"]
 
     def walk(c: type, prefix: str, doc: str | None):
         if doc:
