@@ -3,7 +3,8 @@ config agrees with the targets its header names.
 
 A run config names its targets in lines ``# plan: <target>: <--plan arguments> -> <verdict>``
 (verdict ``fits`` or ``does NOT fit``); each is checked against ``--plan`` for the real model
-sizes (``jax.eval_shape`` on a mesh *shape*: nothing is allocated or compiled).
+sizes (``jax.eval_shape`` on a mesh *shape*: nothing is allocated or compiled) and the
+``--plan-backend`` the line names (which attention kernel ``auto`` means there).
 """
 
 import re
@@ -49,6 +50,7 @@ def test_every_shipped_config_parses_and_validates(path):
     if path in RUN_CONFIGS:
         assert plan_lines(path), f"{path.name}: no '# plan: <target>: <args> -> <verdict>' line"
         assert any(p["verdict"] == "fits" for p in plan_lines(path)), path.name
+        assert all("--plan-backend" in p["args"] for p in plan_lines(path)), path.name  # the target's kernel
 
 
 def test_paper_hyperparameters_of_the_stage2_configs():
@@ -83,9 +85,10 @@ def test_plan_verdicts_for_the_named_targets_hold(path, capsys):
     plans = {}
     for line in lines[1:]:
         args, _ = split_plan_args(["--plan", *line["args"].split()])
-        if args.devices not in plans:
-            plans[args.devices] = memory_plan(cfg, student, teacher, args.devices)
-        plan = plans[args.devices]
+        key = (args.devices, args.backend)
+        if key not in plans:
+            plans[key] = memory_plan(cfg, student, teacher, args.devices, backend=args.backend)
+        plan = plans[key]
         assert plan.fits(args.device_memory_gib) == (line["verdict"] == "fits"), \
             f"{path.name} {line['target']}: total {plan.total / GIB:.1f} GiB\n{plan.format(args.device_memory_gib)}"
 
@@ -102,7 +105,7 @@ def test_real_sizes_enter_the_plan():
     student = model_plan(cfg.student, "student", None, cfg.seed).config
     teacher = model_plan(cfg.teacher, "teacher", None, cfg.seed + 1).config
     assert student == ModelConfig.preset("qwen3-1.7b", dtype="bfloat16", param_dtype="float32", remat="full")
-    plan = memory_plan(cfg, student, teacher, 8)
+    plan = memory_plan(cfg, student, teacher, 8, backend="gpu")
     assert plan.mesh == {"data": 1, "fsdp": 4, "tensor": 2}
     n = student.num_params()  # float32, split 8 ways (norm scales replicated: a few hundred KB more)
     assert 4 * n / 8 <= plan.rows["student params"] < 4 * n / 8 + 1_000_000

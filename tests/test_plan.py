@@ -8,8 +8,8 @@ from topd_jax.sharding import MeshConfig, make_mesh
 from topd_jax.train.__main__ import main
 from topd_jax.train.config import OptimConfig
 from topd_jax.train.optim import make_optimizer
-from topd_jax.train.plan import (PlanArgs, PlanArgsError, abstract_params, attention_bytes, kv_cache_bytes,
-                                 opt_state_bytes, param_bytes, split_plan_args)
+from topd_jax.train.plan import (AttentionPlan, PlanArgs, PlanArgsError, abstract_params, attention_bytes,
+                                 kv_cache_bytes, opt_state_bytes, param_bytes, split_plan_args)
 from topd_jax.train.state import create_train_state
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -48,8 +48,11 @@ def test_kv_cache_bytes_shard_rows_over_data_and_fsdp():
 def test_plan_flags_are_split_from_the_config_arguments():
     assert split_plan_args(["--config", "x.yaml", "steps=2"]) == (None, ["--config", "x.yaml", "steps=2"])
     args, rest = split_plan_args(["--plan", "--device-memory-gib", "80", "--plan-devices=64", "--no-compile",
-                                  "steps=2"])
-    assert args == PlanArgs(device_memory_gib=80.0, devices=64, compile=False) and rest == ["steps=2"]
+                                  "--plan-backend", "tpu", "steps=2"])
+    assert args == PlanArgs(device_memory_gib=80.0, devices=64, compile=False, backend="tpu")
+    assert rest == ["steps=2"]
+    with pytest.raises(PlanArgsError, match="--plan-backend must be one of cpu, gpu, tpu, got 'cuda'"):
+        split_plan_args(["--plan", "--plan-backend=cuda"])
     with pytest.raises(PlanArgsError, match="--device-memory-gib needs a number, got 'lots'"):
         split_plan_args(["--plan", "--device-memory-gib", "lots"])
     with pytest.raises(PlanArgsError, match="only valid with --plan"):
@@ -82,11 +85,78 @@ def test_real_size_plan_uses_eval_shape_only(tmp_path, capsys):
     assert "does NOT fit in 16 GiB" in capsys.readouterr().out
 
 
-def test_attention_estimate_is_one_layer_of_float32_scores_and_probabilities():
+def test_xla_attention_row_is_one_layer_of_float32_scores_and_probabilities():
     cfg = ModelConfig.preset("qwen3-8b", dtype="bfloat16")  # 32 heads in 8 kv groups
     per_row = 32 * 8800 * 8800 * (4 + 2)
-    assert attention_bytes(cfg, 4, 8800, 8800, {"data": 1, "fsdp": 4, "tensor": 2}) == per_row // 2
-    assert attention_bytes(cfg, 3, 8800, 8800, {"data": 1, "fsdp": 4, "tensor": 1}) == 3 * per_row  # 3 % 4
+    xla = AttentionPlan("xla")
+    assert attention_bytes(cfg, 4, 8800, 8800, {"data": 1, "fsdp": 4, "tensor": 2}, attn=xla) == per_row // 2
+    assert attention_bytes(cfg, 3, 8800, 8800, {"data": 1, "fsdp": 4, "tensor": 1}, attn=xla) == 3 * per_row  # 3 % 4
+    assert attention_bytes(cfg, 3, 8800, 8800, {"data": 1, "fsdp": 4, "tensor": 1}, attn=xla, backward=True) == \
+        2 * 3 * per_row
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "cudnn", "splash"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_attention_row_is_quadratic_in_length_for_xla_and_linear_for_the_blocked_kernels(impl, backward):
+    cfg = ModelConfig.preset("qwen3-4b", dtype="bfloat16")
+    mesh = {"data": 1, "fsdp": 4, "tensor": 2}
+    attn = AttentionPlan(impl, 512, 512)
+    b = {t: attention_bytes(cfg, 16, t, t, mesh, attn=attn, backward=backward) for t in (4096, 8192, 16384)}
+    if impl == "xla":
+        assert b[8192] == 4 * b[4096] and b[16384] == 4 * b[8192]
+    else:  # affine in T (a per-query part + a constant block): equal steps, and at most 2x per doubling
+        assert b[16384] - b[8192] == 2 * (b[8192] - b[4096]) > 0
+        assert b[8192] <= 2 * b[4096]
+        assert b[8192] < b[4096] * 2.01
+    assert b[16384] < 2 ** 30 * (400 if impl == "xla" else 8)
+
+
+def test_chunked_attention_row_counts_its_blocks_and_per_query_arrays():
+    """One layer, 1 row, 1 kv head of 2 query heads, T = S = 1024, blocks 256 x 128, h = 8."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                      intermediate_size=32)
+    one = {"data": 1, "fsdp": 1, "tensor": 1}
+    block, per_q, per_q_h, dkv = 2 * 256 * 128 * 4, 2 * 1024 * 4, 2 * 1024 * 8 * 4, 1024 * 8 * 4
+    fwd = 3 * block + 2 * 2 * 256 * 4 + 2 * 256 * 8 * 4 + per_q_h + 2 * per_q
+    attn = AttentionPlan("chunked", 256, 128)
+    assert attention_bytes(cfg, 1, 1024, 1024, one, attn=attn) == fwd
+    assert attention_bytes(cfg, 1, 1024, 1024, one, attn=attn, backward=True) == \
+        fwd + 2 * per_q + 2 * per_q_h + 2 * dkv + 3 * block
+    # flash: the LSE and one block (no mask temporaries); cudnn adds its compacted q, k, v, out (float32 here)
+    assert attention_bytes(cfg, 1, 1024, 1024, one, attn=AttentionPlan("splash", 256, 128)) == block + per_q
+    assert attention_bytes(cfg, 1, 1024, 1024, one, attn=AttentionPlan("cudnn", 256, 128)) == \
+        block + per_q + 2 * per_q_h + 2 * dkv
+
+
+def test_plan_rows_name_the_attention_implementation(tmp_path):
+    from tests._train_tiny import tiny_config
+    from topd_jax.train.plan import memory_plan, plan_models
+    cfg = tiny_config(tmp_path, "algorithm=warmup", "warmup.max_new_tokens=8", "student.remat=full", steps=1)
+    student, teacher = plan_models(cfg)
+
+    def attention_rows(impl, backend="cpu"):
+        plan = memory_plan(cfg, student.replace(attention=impl), teacher.replace(attention=impl), 8,
+                           backend=backend)
+        return [name for name in plan.rows if name.startswith("attention")]
+
+    assert attention_rows("xla") == ["attention, one layer + backward (student update; xla, materialised)"]
+    assert attention_rows("chunked") == ["attention, one layer + backward (student update; chunked, block 512x512)"]
+    assert attention_rows("auto") == attention_rows("chunked")  # auto on CPU: chunked
+
+
+def test_warmup_scoring_in_row_groups_equals_one_forward():
+    """The row groups the plan counts for the warm-up's teacher forward do not change its output."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from topd_jax.algorithms.scoring import forward_hidden
+    model = init_model(TINY, seed=0)
+    ids = jax.random.randint(jax.random.key(0), (8, 12), 0, TINY.vocab_size)
+    mask = jnp.ones((8, 12), bool).at[:, :3].set(jnp.arange(8)[:, None] % 3 == 0)  # some left padding
+    whole = forward_hidden(model, ids, mask)
+    np.testing.assert_allclose(forward_hidden(model, ids, mask, row_groups=4), whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="row_groups=3 must be >= 1 and divide the 8 rows"):
+        forward_hidden(model, ids, mask, row_groups=3)
 
 
 def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
@@ -97,6 +167,7 @@ def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
 
     from tests._train_tiny import tiny_config
     from topd_jax.algorithms import Frozen, PreparedBatch, build_objective, prepare_batch
+    from topd_jax.models.cache import slots_for
     from topd_jax.rollout import continue_from, generate
     from topd_jax.train.loop import _loader, rollout_len
     from topd_jax.train.optim import lr_schedule
@@ -110,7 +181,7 @@ def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
     cfg = tiny_config(tmp_path, "algorithm=topd", "topd.detector=kl_window", "mesh.data=2", "mesh.fsdp=2",
                       "mesh.tensor=2", "data.prompts_per_step=4", "topd.fused_main_pass=false", steps=1)
     plan = plan_run(cfg)
-    planned = memory_plan(cfg, plan.student.config, plan.teacher.config, 8, compile_step=True).rows
+    planned = memory_plan(cfg, plan.student.config, plan.teacher.config, 8, backend="cpu", compile_step=True).rows
     r, length, k = 8, rollout_len(cfg), cfg.topd.window
     mesh = plan.mesh
     student, teacher = load_model(plan.student, mesh), load_model(plan.teacher, mesh)
@@ -125,8 +196,9 @@ def test_plan_rows_equal_a_measured_tiny_topd_step(tmp_path):
         branch_at = np.full((r, 1), length - 1)  # one guided point per rollout row
         cont = continue_from(teacher, gen.sequences, gen.sequence_mask, branch_at, key=jax.random.key(1),
                              num_tokens=k, return_cache=True)
-        assert planned[f"teacher KV cache, continuations [{r}x{length + k}]"] == \
-            _on_device0((cont.cache.k, cont.cache.v))
+        shared, own = slots_for(length), slots_for(k)  # the rollouts' cache once, K slots per continuation
+        assert planned[f"teacher KV cache, continuations [{r}x{shared} shared + {r}x{own}]"] == \
+            _on_device0((cont.cache.prefix.k, cont.cache.prefix.v, cont.cache.suffix.k, cont.cache.suffix.v))
         frozen = Frozen(teacher, teacher.lm_head_weight(), plan.text.eos_ids, plan.text.pad_id)
         batch = prepare_batch(cfg, model, prompts, jax.random.key(2), frozen, {})[0].arrays
         sh = batch_shardings(batch, mesh)

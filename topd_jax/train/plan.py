@@ -9,11 +9,16 @@ and compiled for abstract inputs, and XLA's ``memory_analysis()`` gives its temp
 Rows (bytes per device): student params, optimizer state, teacher params; KV caches of the
 rollouts (P + N - 1 slots; sampled by the teacher in the warm-up) and of the TOPD detector's /
 guidance's K-token continuations (C x n rows per rollout, L + K slots); the update batch
-(ids, masks, teacher hidden states); one layer's attention scores (an estimate: the model has
-no flash attention, so at long rows this is the largest activation); the compiled step's
-temporaries (small models) — else the student update's attention enters the estimate.
-Not counted: other activations (MLP, logits chunks, the teacher's MoE routing) and framework
-overhead — keep headroom. The rows are summed although not all are live at once.
+(ids, masks, teacher hidden states); then the activations of the step's largest phase (the
+teacher's scoring forward, the student's ℓ_t pass, the guidance rows, the student's update on
+one micro-batch): one layer's attention intermediates as the planned backend's attention
+implementation holds them (``models.attention``: xla materialises [rows, heads, T, S] scores,
+chunked and the flash kernels hold O(T·block); ``--plan-backend`` picks what ``auto`` means),
+one layer's other activations (with a MoE teacher its token dispatch), and for the update the
+remat checkpoints (every layer's input) and the loss's logits chunks. The compiled step's
+temporaries replace the update's rows for small models (measured by XLA).
+Not counted: framework overhead and fragmentation — keep headroom. The rows are summed
+although not all are live at once (the sampling KV cache is freed before the update).
 """
 
 from __future__ import annotations
@@ -32,13 +37,18 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from topd_jax.models import ModelConfig
-from topd_jax.models.cache import CACHE_KV_AXES
+from topd_jax.models.cache import CACHE_KV_AXES, slots_for
 from topd_jax.models.qwen import Qwen
 from topd_jax.sharding import MeshConfig as ShardingMesh
 from topd_jax.sharding import MESH_AXES, logical_to_spec
 from topd_jax.train.config import RunConfig
 
 GIB = 1024 ** 3
+BACKENDS = ("cpu", "gpu", "tpu")
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "splash")  # models.attention.IMPLS without "auto"
+# The layout models.qwen passes for its cache-free forwards (training, scoring): self-attention
+# over the row's T tokens, where `auto` can pick the fused kernels.
+ROW_LAYOUT = "causal"
 # Models above this size are not compiled by default: on CPU the compile alone takes minutes.
 COMPILE_MAX_PARAMS = 50_000_000
 
@@ -52,11 +62,13 @@ class PlanArgs:
     device_memory_gib: float | None = None   # fits check against this per-device memory
     devices: int | None = None               # plan for this many devices (default: local)
     compile: bool = True                     # compile the step for temporaries (small models)
+    backend: str | None = None               # plan for this backend's attention (default: local)
 
 
 def split_plan_args(argv: Sequence[str]) -> tuple[PlanArgs | None, list[str]]:
-    """Take ``--plan``, ``--device-memory-gib G``, ``--plan-devices N``, ``--no-compile`` out
-    of ``argv``; returns ``(PlanArgs or None when --plan is absent, the rest)``."""
+    """Take ``--plan``, ``--device-memory-gib G``, ``--plan-devices N``, ``--plan-backend
+    cpu|gpu|tpu``, ``--no-compile`` out of ``argv``; returns ``(PlanArgs or None when --plan is
+    absent, the rest)``."""
     rest, found, kw = [], False, {}
     it = iter(argv)
     for arg in it:
@@ -65,6 +77,11 @@ def split_plan_args(argv: Sequence[str]) -> tuple[PlanArgs | None, list[str]]:
             found = True
         elif arg == "--no-compile":
             kw["compile"] = False
+        elif name == "--plan-backend":
+            value = value if eq else next(it, None)
+            if value not in BACKENDS:
+                raise PlanArgsError(f"--plan-backend must be one of {', '.join(BACKENDS)}, got {value!r}")
+            kw["backend"] = value
         elif name in ("--device-memory-gib", "--plan-devices"):
             value = value if eq else next(it, None)
             try:
@@ -148,14 +165,166 @@ def row_bytes(shape: Sequence[int], dtype, mesh: dict[str, int]) -> int:
     return shard_bytes(shape, dtype, logical_to_spec(axes, shape, mesh), mesh)
 
 
-def attention_bytes(config: ModelConfig, rows: int, queries: int, keys: int, mesh: dict[str, int]) -> int:
-    """Per-device bytes of ONE layer's attention scores (float32) and probabilities (compute
-    dtype), ``[rows, kv_heads, groups, queries, keys]`` as ``models.qwen`` materialises them
-    (no flash attention): rows over ``act_batch``, kv heads over ``tensor``."""
-    groups = config.num_heads // config.num_kv_heads
-    shape = (rows, config.num_kv_heads, groups, queries, keys)
-    spec = logical_to_spec(("act_batch", "act_kv_heads", None, None, None), shape, mesh)
-    return shard_bytes(shape, np.float32, spec, mesh) + shard_bytes(shape, config.compute_dtype, spec, mesh)
+def _act_bytes(shape: Sequence[int], dtype, axes: tuple, mesh: dict[str, int]) -> int:
+    return shard_bytes(shape, dtype, logical_to_spec(axes, shape, mesh), mesh)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How the planned backend runs one model's attention (``models.attention``): ``impl`` is
+    xla | chunked | cudnn | splash (``auto`` already resolved), blocks as ``attention()`` takes them."""
+    impl: str
+    block_q: int = 512
+    block_kv: int = 512
+
+    def describe(self) -> str:
+        if self.impl == "xla":
+            return "xla, materialised"
+        kind = "chunked" if self.impl == "chunked" else f"{self.impl} flash"
+        return f"{kind}, block {self.block_q}x{self.block_kv}"
+
+
+def attention_plan(config: ModelConfig, backend: str) -> AttentionPlan:
+    """The attention ``config`` runs on ``backend`` for teacher-forced rows: ``ModelConfig.attention``
+    through ``models.attention.choose_impl`` (which resolves ``auto`` and refuses an explicit
+    kernel the rows' layout cannot use)."""
+    from topd_jax.models.attention import choose_impl
+    impl = choose_impl(config.attention, backend, config.compute_dtype, layout=ROW_LAYOUT)
+    return AttentionPlan(impl, config.attention_block_q, config.attention_block_kv)
+
+
+def attention_bytes(config: ModelConfig, rows: int, queries: int, keys: int, mesh: dict[str, int], *,
+                    attn: AttentionPlan, backward: bool = False) -> int:
+    """Per-device bytes of ONE layer's attention intermediates (beyond q, k, v and the output
+    the layer holds anyway), as ``models.attention`` computes them; rows over ``act_batch``, kv
+    heads over ``tensor``; g = heads / kv heads, h = head_dim:
+
+    - xla (materialised): float32 scores and compute-dtype probabilities ``[rows, kv, g, T, S]``;
+      the backward holds as much again (the scores' gradient): O(T·S).
+    - chunked (online softmax; ``lax.map`` over query blocks, a loop over key blocks): one
+      block's float32 scores, probabilities and mask temporaries ``[rows, kv, g, bq, bkv]`` (3),
+      the block's running max / sum and accumulator, and the stacked float32 output
+      ``[rows, kv, g, T, h]`` and statistics ``[rows, kv, g, T]`` (2). The backward (custom VJP,
+      FlashAttention-2) keeps the log-sum-exp ``[rows, kv, g, T]``, holds dO and dq in float32
+      ``[rows, kv, g, T, h]`` (2), dk and dv in float32 ``[rows, kv, S, h]`` (2), D ``[rows, kv, g, T]``
+      and one block's p, dp, ds (3): O(T·h + block²), linear in T.
+    - cudnn / splash (flash kernels): one block's float32 scores per (row, head) — an upper
+      bound, the kernel keeps them on chip — and the saved softmax statistics
+      ``[rows, kv, g, T]`` float32; cudnn also holds the compacted (right-padded) copies of q
+      and the output ``[rows, kv, g, T, h]`` and of k, v ``[rows, kv, T, h]`` (compute dtype), and
+      its backward a float32 dq accumulator ``[rows, kv, g, T, h]`` (workspace); splash
+      accumulates dq on chip: O(T).
+    """
+    kv, g, hd = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+    axes = ("act_batch", "act_kv_heads", None, None, None)
+    f32 = np.float32
+    if attn.impl == "xla":
+        shape = (rows, kv, g, queries, keys)
+        fwd = _act_bytes(shape, f32, axes, mesh) + _act_bytes(shape, config.compute_dtype, axes, mesh)
+        return 2 * fwd if backward else fwd
+    if attn.impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {attn.impl!r}; expected one of {ATTENTION_IMPLS}")
+    bq, bkv = min(attn.block_q, queries), min(attn.block_kv, keys)
+    block = _act_bytes((rows, kv, g, bq, bkv), f32, axes, mesh)
+    per_query = _act_bytes((rows, kv, g, queries), f32, axes[:4], mesh)  # [rows, kv, g, T] f32
+    per_query_h = _act_bytes((rows, kv, g, queries, hd), f32, axes, mesh)  # [rows, kv, g, T, h] f32
+    if attn.impl == "chunked":
+        fwd = (3 * block + 2 * _act_bytes((rows, kv, g, bq), f32, axes[:4], mesh)
+               + _act_bytes((rows, kv, g, bq, hd), f32, axes, mesh) + per_query_h + 2 * per_query)
+        if not backward:
+            return fwd
+        dkv = _act_bytes((rows, kv, keys, hd), f32, axes[:4], mesh)
+        return fwd + 2 * per_query + 2 * per_query_h + 2 * dkv + 3 * block
+    if attn.impl == "cudnn":
+        copies = (2 * _act_bytes((rows, kv, g, queries, hd), config.compute_dtype, axes, mesh)
+                  + 2 * _act_bytes((rows, kv, keys, hd), config.compute_dtype, axes[:4], mesh))
+        return block + per_query + copies + (block + per_query_h if backward else 0)
+    return (2 if backward else 1) * block + per_query  # splash
+
+
+def layer_activation_bytes(config: ModelConfig, rows: int, length: int, mesh: dict[str, int], *,
+                           moe: bool) -> int:
+    """Per-device bytes of one decoder layer's activations in the compute dtype, attention
+    intermediates aside (``attention_bytes``): the input and its norm ``[rows, T, d]``, q and
+    the attention output ``[rows, T, heads, head_dim]``, k and v ``[rows, T, kv_heads, head_dim]``;
+    a dense MLP's gate, up and their product ``[rows, T, I]`` (``act_mlp`` over tensor); a MoE
+    layer's (``models.moe``, ragged) float32 router logits and probabilities ``[rows, T, E]``,
+    the sorted token copies and expert outputs ``[rows*T*k, d]`` and gate, up and product
+    ``[rows*T*k, f]`` (every device holds its own tokens' k pairs)."""
+    dt, d, hd = config.compute_dtype, config.hidden_size, config.head_dim
+    res = _act_bytes((rows, length, d), dt, ("act_batch", None, None), mesh)
+    total = 2 * res
+    total += 2 * _act_bytes((rows, length, config.num_heads, hd), dt, ("act_batch", None, "act_heads", None), mesh)
+    total += 2 * _act_bytes((rows, length, config.num_kv_heads, hd), dt,
+                            ("act_batch", None, "act_kv_heads", None), mesh)
+    if not moe:
+        return total + 3 * _act_bytes((rows, length, config.intermediate_size), dt,
+                                      ("act_batch", None, "act_mlp"), mesh)
+    k = config.num_experts_per_tok
+    total += 2 * _act_bytes((rows, length, config.num_experts), np.float32, ("act_batch", None, None), mesh)
+    total += 2 * k * res  # [rows*T*k, d]: rows stay on their device
+    total += 3 * k * _act_bytes((rows, length, config.moe_intermediate_size), dt, ("act_batch", None, None), mesh)
+    return total
+
+
+def logits_chunk_bytes(student: ModelConfig, rows: int, length: int, chunk: int | None,
+                       mesh: dict[str, int]) -> int:
+    """Per-device bytes of the loss's live logits (``losses.chunked`` / ``scoring``): student and
+    teacher float32 logits of one chunk ``[rows, chunk, V]`` and their softmaxes (4 arrays);
+    ``chunk`` None (``loss.vocab_chunk`` unset): the whole ``[rows, T, V]``."""
+    shape = (rows, length if chunk is None else min(chunk, length), student.vocab_size)
+    return 4 * _act_bytes(shape, np.float32, ("act_batch", None, "act_vocab"), mesh)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a step (a forward, or the student's update) and its activation rows."""
+    name: str
+    rows: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+
+def forward_phase(name: str, config: ModelConfig, rows: int, length: int, mesh: dict[str, int],
+                  attn: AttentionPlan) -> Phase:
+    """A no-gradient forward over ``rows`` rows of ``length`` tokens: one layer is live at a time
+    (its activations + attention intermediates); the final hidden states are the update batch's."""
+    moe = bool(config.moe_layers)
+    return Phase(name, {
+        f"attention, one layer ({name}; {attn.describe()})":
+            attention_bytes(config, rows, length, length, mesh, attn=attn),
+        f"activations, one {'MoE ' if moe else ''}layer ({name})":
+            layer_activation_bytes(config, rows, length, mesh, moe=moe)})
+
+
+def update_phase(name: str, cfg: RunConfig, student: ModelConfig, segments: Sequence[tuple[int, int]],
+                 mesh: dict[str, int], attn: AttentionPlan) -> Phase:
+    """The student's forward + backward on one micro-batch: ``segments`` are its ``(rows,
+    length)`` row sets (the rollout rows, TOPD's guidance rows), each a forward of its own in
+    the one loss. With remat, the saved layer inputs ``[rows, T, d]`` of every layer and
+    segment (all live at the start of the backward), and the one layer being recomputed (its
+    activations and their gradients: x2; attention with its backward); without remat (or a
+    ``dots`` policy, counted as none: an upper bound), every layer's activations and attention
+    intermediates of every segment; plus the loss's logits chunks (the largest segment's)."""
+    n = student.num_layers
+    layer = [layer_activation_bytes(student, r, t, mesh, moe=False) for r, t in segments]
+    attention = [attention_bytes(student, r, t, t, mesh, attn=attn, backward=True) for r, t in segments]
+    out = {}
+    if student.remat == "full":
+        out[f"saved layer inputs, {n} layers ({name}, remat full)"] = sum(
+            n * _act_bytes((r, t, student.hidden_size), student.compute_dtype, ("act_batch", None, None), mesh)
+            for r, t in segments)
+        out[f"activations, one layer + gradients ({name})"] = 2 * max(layer)
+        out[f"attention, one layer + backward ({name}; {attn.describe()})"] = max(attention)
+    else:
+        out[f"activations, {n} layers ({name}, remat {student.remat})"] = n * sum(layer)
+        out[f"attention, {n} layers + backward ({name}; {attn.describe()})"] = n * sum(attention)
+    chunk = cfg.loss.vocab_chunk
+    out[f"loss logits {'chunks' if chunk else 'WHOLE (loss.vocab_chunk unset)'} ({name})"] = \
+        max(logits_chunk_bytes(student, r, t, chunk, mesh) for r, t in segments)
+    return Phase(name, out)
 
 
 @dataclass
@@ -173,9 +342,10 @@ class MemoryPlan:
 
     def format(self, device_memory_gib: float | None = None) -> str:
         lines = [f"memory plan, per device, mesh {self.mesh} ({math.prod(self.mesh.values())} devices):"]
+        width = max([52, *map(len, self.rows)])
         for name, b in self.rows.items():
-            lines.append(f"  {name:<52} {b / GIB:10.3f} GiB  ({b:,} B)")
-        lines.append(f"  {'total':<52} {self.total / GIB:10.3f} GiB")
+            lines.append(f"  {name:<{width}} {b / GIB:10.3f} GiB  ({b:,} B)")
+        lines.append(f"  {'total':<{width}} {self.total / GIB:10.3f} GiB")
         lines += [f"  note: {n}" for n in self.notes]
         if device_memory_gib is not None:
             verdict = "fits" if self.fits(device_memory_gib) else "does NOT fit"
@@ -208,8 +378,9 @@ def guided_points(cfg: RunConfig) -> int:
 def kv_rows(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | None,
             mesh: dict[str, int]) -> dict[str, int]:
     """The KV caches of one step, per device: the rollouts' (P + N - 1 slots, sampled by the
-    student; by the teacher in the warm-up; none for sft) and the K-token continuations'
-    (L + K slots)."""
+    student; by the teacher in the warm-up; none for sft) and the K-token continuations' (the r
+    sequences' cache shared by all their candidates, L slots in whole attention blocks, plus a
+    private K-slot cache per continuation row: ``models.cache.BranchCache``)."""
     from topd_jax.train.loop import rollout_len
     if cfg.algorithm == "sft":  # trains on the files' responses: no sampling
         return {}
@@ -217,10 +388,11 @@ def kv_rows(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | None,
     sampler, who = (teacher, "teacher") if cfg.algorithm == "warmup" else (student, "student")
     out = {f"{who} KV cache, rollouts [{r}x{length - 1}]": kv_cache_bytes(sampler, r, length - 1, mesh)}
     per_row, by_teacher, by_student = _continuation_rows(cfg)
-    rows, slots = r * per_row, length + cfg.topd.window
+    rows, shared, own = r * per_row, slots_for(length), slots_for(cfg.topd.window)
     for model, name, on in ((teacher, "teacher", by_teacher), (student, "student", by_student)):
         if on:
-            out[f"{name} KV cache, continuations [{rows}x{slots}]"] = kv_cache_bytes(model, rows, slots, mesh)
+            out[f"{name} KV cache, continuations [{r}x{shared} shared + {rows}x{own}]"] = \
+                kv_cache_bytes(model, r, shared, mesh) + kv_cache_bytes(model, rows, own, mesh)
     return out
 
 
@@ -229,32 +401,46 @@ def batch_bytes(cfg: RunConfig, teacher: ModelConfig | None, mesh: dict[str, int
     return sum(row_bytes(x.shape, x.dtype, mesh) for x in step_batch(cfg, teacher).values())
 
 
-def attention_peak(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh: dict[str, int],
-                   *, with_step: bool) -> tuple[int, str]:
-    """The largest one-layer attention of a step (see ``attention_bytes``) and where: the
-    teacher's scoring forward over all rows, and (``with_step``) the student's update on one
-    micro-batch (x2 for the backward pass; x layers without remat, which keeps every layer's)."""
+def activation_phases(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | None,
+                      mesh: dict[str, int], backend: str, *, with_step: bool) -> list[Phase]:
+    """The step's phases that hold activations, one after another: the teacher's (reference's)
+    scoring forward over all rows, the teacher's guidance rows, the student's ℓ_t pass (forward +
+    backward when fused), and (``with_step``) the student's update on one micro-batch (its rollout
+    rows and guidance rows together). ``with_step`` False: the phases with a gradient are
+    measured by compiling them (``compiled_temp_rows``) instead."""
     from topd_jax.train.loop import rollout_len
     r, length = cfg.data.prompts_per_step * cfg.rollout.n, rollout_len(cfg)
     k = cfg.topd.window
     g = r * guided_points(cfg) if cfg.uses_guidance else 0
-    name = "teacher scoring" if cfg.needs_teacher else "reference scoring"
-    cands = [(attention_bytes(teacher, r, length, length, mesh) if teacher is not None else 0, name),
-             (attention_bytes(student, r, length, length, mesh) if cfg.uses_detector else 0, "student ℓ_t pass"),
-             (attention_bytes(teacher, g, length + k, length + k, mesh) if g else 0, "teacher guidance rows")]
+    s_attn = attention_plan(student, backend)
+    out = []
+    if teacher is not None:
+        t_attn = attention_plan(teacher, backend)
+        # the warm-up's teacher scores in optim.micro_batches row groups (algorithms.warmup)
+        groups = cfg.optim.micro_batches if cfg.algorithm == "warmup" else 1
+        name = "teacher scoring" if cfg.needs_teacher else "reference scoring"
+        out.append(forward_phase(name if groups == 1 else f"{name}, {groups} row groups", teacher, r // groups,
+                                 length, mesh, t_attn))
+        if g:
+            out.append(forward_phase("teacher guidance rows", teacher, g, length + k, mesh, t_attn))
+    if cfg.uses_detector:
+        if not cfg.fuses_main_pass:
+            out.append(forward_phase("student ℓ_t pass", student, r, length, mesh, s_attn))
+        elif with_step:  # topd.fused_main_pass: the OPD term's forward + backward in prepare (else compiled)
+            out.append(update_phase("student ℓ_t pass, fused", cfg, student, [(r, length)], mesh, s_attn))
     if with_step:
         mb = cfg.optim.micro_batches
-        keep = student.num_layers if cfg.student.remat == "none" else 1
-        cands += [(2 * keep * attention_bytes(student, r // mb, length, length, mesh), "student update"),
-                  (2 * keep * attention_bytes(student, max(g // mb, 1), length + k, length + k, mesh) if g else 0,
-                   "student update, guidance rows")]
-    return max(cands)
+        segments = [(r // mb, length)] + ([(max(g // mb, 1), length + k)] if g else [])
+        out.append(update_phase("student update" + (" with guidance rows" if g else ""), cfg, student, segments,
+                                mesh, s_attn))
+    return out
 
 
 def memory_plan(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | None, num_devices: int,
-                *, compile_step: bool = False) -> MemoryPlan:
-    """The per-device plan of ``cfg`` on ``num_devices`` devices (see the module docstring).
-    ``teacher``: the distillation teacher, GRPO/TAPO's frozen reference policy, or None."""
+                *, backend: str, compile_step: bool = False) -> MemoryPlan:
+    """The per-device plan of ``cfg`` on ``num_devices`` devices of ``backend`` (cpu | gpu | tpu:
+    which attention implementation ``auto`` means; see the module docstring). ``teacher``: the
+    distillation teacher, GRPO/TAPO's frozen reference policy, or None."""
     from topd_jax.train.optim import make_optimizer
     mesh = mesh_shape(cfg, num_devices)
     s_params = abstract_params(student)
@@ -272,13 +458,18 @@ def memory_plan(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | Non
         notes.append(f"{cfg.algorithm}: the objective's per-token float arrays (log-probs, "
                      "advantages) and TAPO's construction sampling are not counted")
     compile_step = compile_step and cfg.needs_teacher  # the abstract batch is the distillation one
-    attn, where = attention_peak(cfg, student, teacher, mesh, with_step=not compile_step)
-    rows[f"attention scores, one layer ({where}; estimate)"] = attn
-    notes.append("attention: the model materialises [rows, heads, T, T] scores in float32 (no flash "
-                 "attention); the estimate is the largest single layer, other activations not counted")
+    phases = activation_phases(cfg, student, teacher, mesh, backend, with_step=not compile_step)
+    if phases:
+        peak = max(phases, key=lambda p: p.total)
+        rows.update(peak.rows)
+        others = ", ".join(f"{p.name} {p.total / GIB:.2f} GiB" for p in phases if p is not peak)
+        notes.append(f"activations: the rows are the largest phase ({peak.name}, {backend} backend)"
+                     + (f"; the others: {others}" if others else ""))
     if compile_step:
         rows.update(compiled_temp_rows(cfg, student, teacher, s_params, tx))
     else:
+        if cfg.fuses_main_pass:  # as compiled_temp_rows counts it
+            rows["fused ℓ_t pass gradient (step input)"] = param_bytes(s_params, mesh)
         notes.append("compiled step temporaries not measured (large model, --plan-devices differs "
                      "from the local device count, --no-compile, or not a distillation algorithm)")
     return MemoryPlan(mesh, rows, notes)
@@ -409,7 +600,9 @@ def plan_main(cfg: RunConfig, args: PlanArgs) -> int:
         local = jax.device_count()
         n = args.devices or local
         small = all(m.num_params() <= COMPILE_MAX_PARAMS for m in (student, teacher) if m is not None)
-        plan = memory_plan(cfg, student, teacher, n, compile_step=args.compile and small and n == local)
+        backend = args.backend or jax.default_backend()
+        plan = memory_plan(cfg, student, teacher, n, backend=backend,
+                           compile_step=args.compile and small and n == local and backend == jax.default_backend())
     except (RunSetupError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
