@@ -76,11 +76,15 @@ def train_flops(config, rows: int, length: int) -> float:
     return 3.0 * forward_flops(config, rows, length)
 
 
+def weight_bytes(config) -> int:
+    """The weights in the compute dtype (what a decode step reads; dense models: every parameter)."""
+    return config.num_params() * config.compute_dtype.dtype.itemsize
+
+
 def decode_step_bytes(config, rows: int, filled: int) -> int:
-    """Bytes one decode step reads: the weights (compute dtype) and k, v of ``filled`` slots per row."""
-    itemsize = 2 if config.dtype in ("bfloat16", "float16") else 4
-    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
-    return config.num_params() * itemsize + rows * filled * kv
+    """Bytes one decode step reads: the weights and k, v of ``filled`` slots per row."""
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * config.compute_dtype.dtype.itemsize
+    return weight_bytes(config) + rows * filled * kv
 
 
 def decode_roofline(config, rows: int, prompt: int, new: int, bandwidth: float) -> dict[str, float]:
@@ -89,8 +93,8 @@ def decode_roofline(config, rows: int, prompt: int, new: int, bandwidth: float) 
     filled_s = sum(decode_step_bytes(config, rows, prompt + i) for i in range(new)) / bandwidth
     full_s = new * decode_step_bytes(config, rows, prompt + new - 1) / bandwidth
     return {"filled_kv_tok_s": rows * new / filled_s, "full_cache_tok_s": rows * new / full_s,
-            "weights_gb": config.num_params() * 2 / 1e9,
-            "kv_gb_full_cache": (decode_step_bytes(config, rows, prompt + new - 1) - config.num_params() * 2) / 1e9}
+            "weights_gb": weight_bytes(config) / 1e9,
+            "kv_gb_full_cache": (decode_step_bytes(config, rows, prompt + new - 1) - weight_bytes(config)) / 1e9}
 
 
 # ---------------------------------------------------------------- the run config
