@@ -30,10 +30,12 @@ kv head (n = k g), h head_dim.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from topd_jax.sharding.rules import _active_rules, logical_to_spec
 
 IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 LAYOUTS = ("any", "causal")
@@ -333,24 +335,44 @@ def cudnn_attention(q, k, v, *, kv_mask, implementation="cudnn"):
 def splash_attention(q, k, v, *, kv_mask, block_q=512, block_kv=512, interpret=False):
     """Causal layout (q_slots = arange(T), S = T): TPU splash attention with a causal mask and
     segment ids (real = 1, padding = 0), so padding rows see only padding and never an empty row;
-    those rows are then zeroed. T is padded up to a multiple of the block (at least 128)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
+    those rows are then zeroed. T is padded up to a multiple of the block (at least 128).
+    With a mesh set (`jax.set_mesh`), runs in a shard_map: batch over the "act_batch" axes, heads
+    over "act_heads" when query and kv heads split alike (else heads stay whole)."""
     b, t, n, h = q.shape
-    kh = k.shape[1]
     block = max(128, min(block_q, block_kv, -(-t // 128) * 128))
     tp = -(-t // block) * block
     pad = tp - t
-    seg = jnp.pad(kv_mask.astype(jnp.int32), ((0, 0), (0, pad)))  # padded tail: segment 0
+    seg = jnp.pad(kv_mask.astype(jnp.int32), ((0, 0), (0, pad)))  # [B, Tp]; padded tail: segment 0
     qh = jnp.pad(q * jnp.asarray(h**-0.5, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     kp = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))  # [B, K, Tp, h]
     vp = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    local = functools.partial(_splash_local, block=block, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = local(qh, kp, vp, seg)
+    else:
+        sizes, rules = dict(mesh.shape), _active_rules()
+        batch = logical_to_spec(("act_batch",), (b,), sizes, rules)[0]
+        heads = logical_to_spec(("act_heads",), (n,), sizes, rules)[0]
+        if logical_to_spec(("act_heads",), (k.shape[1],), sizes, rules)[0] != heads:
+            heads = None  # kv heads cannot split like query heads: keep heads whole
+        qkv_spec = P(batch, heads, None, None)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None)),
+                            out_specs=qkv_spec, check_vma=False)(qh, kp, vp, seg)
+    out = out.transpose(0, 2, 1, 3)[:, :t]  # [B, T, N, h]
+    return jnp.where(kv_mask[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def _splash_local(qh, kp, vp, seg, *, block, interpret):
+    """qh [b, n, Tp, h] (pre-scaled), kp, vp [b, k, Tp, h], seg [b, Tp] -> [b, n, Tp, h]: one
+    splash kernel (built for the local head count) vmapped over the batch."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    n, tp = qh.shape[1], qh.shape[2]
     mask = sm.MultiHeadMask([sm.CausalMask((tp, tp)) for _ in range(n)])
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
     one = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
-    out = jax.vmap(one)(qh, kp, vp, seg)  # [B, N, Tp, h]
-    out = out.transpose(0, 2, 1, 3)[:, :t]
-    return jnp.where(kv_mask[:, :, None, None], out, 0).astype(q.dtype)
+    return jax.vmap(one)(qh, kp, vp, seg)
