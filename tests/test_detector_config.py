@@ -41,3 +41,10 @@ def test_guidance_with_high_divergence_suppression_is_refused(tmp_path):
     assert not tiny_config(tmp_path, "algorithm=topd", "topd.suppression=high_divergence",
                            "topd.guidance=false").uses_guidance
     assert tiny_config(tmp_path, "algorithm=opd", "topd.suppression=high_divergence").uses_detector
+
+
+def test_teacher_null_has_no_high_divergence_matched_set(tmp_path):
+    with pytest.raises(ConfigError, match="no matched high-divergence set") as e:
+        tiny_config(tmp_path, "algorithm=opd", "topd.suppression=high_divergence", "topd.false_alarm_rule=teacher_null",
+                    "topd.continuations_per_side=2")
+    assert e.value.key == "topd.false_alarm_rule"

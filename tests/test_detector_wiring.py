@@ -83,34 +83,79 @@ def test_frozen_ot_table_copies_the_initial_student_or_takes_the_teachers(tmp_pa
     np.testing.assert_array_equal(teacher, t.embedding_table())
 
 
-def _local_ot(tmp_path, models, *overrides, ot_table=None):
+def _prepare_metrics(tmp_path, models, *overrides, ot_table=None):
     s, t, prompts = models
     cfg = tiny_config(tmp_path, "algorithm=topd", "topd.guidance=false", *overrides)
     frozen = Frozen(t, t.lm_head_weight(), (2,), 0, ot_table=ot_table)
     mesh = make_mesh(MeshConfig(data=1, fsdp=1), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         _, metrics, _ = prepare_batch(cfg, s, prompts, jax.random.key(3), frozen, {})
-    total, count = metrics["local_ot"]
-    assert count > 0
-    return float(total) / float(count)
+    return metrics
 
 
-def test_trainer_uses_the_configured_solver_table_and_window_end(tmp_path, models, monkeypatch):
+def test_trainer_uses_the_configured_solver_table_window_end_and_rule(tmp_path, models, monkeypatch):
     from topd_jax.algorithms import topd
     s, t, _ = models
     seen = []
 
     def spy(table, *args, **kw):
-        seen.append((np.asarray(table), kw))
+        seen.append((np.asarray(table), kw, args))
         return _ot_jit(table, *args, **kw)
 
     monkeypatch.setattr(topd, "_ot_jit", spy)
-    local_ot = _local_ot(tmp_path, models, "topd.ot_solver=sinkhorn_divergence", "topd.ot_window_end=pad_eos",
-                         ot_table=t.embedding_table())
-    assert np.isfinite(local_ot) and len(seen) == 1
-    table, kw = seen[0]
-    np.testing.assert_array_equal(table, t.embedding_table())
-    assert kw["solver"] == "sinkhorn_divergence" and kw["pad_eos"] == 2
+    metrics = _prepare_metrics(tmp_path, models, "topd.ot_solver=sinkhorn_divergence", "topd.ot_window_end=pad_eos",
+                               "topd.false_alarm_rule=teacher_null", "topd.continuations_per_side=2",
+                               ot_table=t.embedding_table())
+    assert len(seen) == 2  # D(teacher, student) and D(teacher, teacher')
+    for table, kw, _ in seen:
+        np.testing.assert_array_equal(table, t.embedding_table())
+        assert kw["solver"] == "sinkhorn_divergence" and kw["pad_eos"] == 2
+    t_tok, _, t_tok2, _ = seen[1][2]  # the null pairs each teacher sample with its sibling
+    np.testing.assert_array_equal(np.asarray(t_tok2).reshape(-1, 2, t_tok.shape[1])[:, ::-1],
+                                  np.asarray(t_tok).reshape(-1, 2, t_tok.shape[1]))
+    total, count = metrics["false_alarm_fraction"]
+    assert count > 0 and 0 <= total <= count
+    err, rows = metrics["ot_marginal_error"]
+    assert rows == 2 * len(t_tok) and 0 <= err / rows < 1e-2  # per window: the worst of its 3 solves
+    assert metrics["undefined_divergence_fraction"][0] == 0  # OT windows always hold y_t's regeneration
+
+
+# ---- classify: empty windows and the teacher-null rule ----
+def _classify(d_slot, defined, null=None, guidance=True):
+    from topd_jax.algorithms.topd import classify
+    # two rows of 6 tokens, two candidate slots each
+    pos = jnp.array([[1, 4], [2, 5]])
+    valid = jnp.array([[True, True], [True, True]])
+    cand = jnp.zeros((2, 6), bool).at[jnp.arange(2)[:, None], pos].set(True)
+    loss = jnp.ones((2, 6))
+    return classify(cand, pos, valid, jnp.asarray(d_slot, jnp.float32), loss, jnp.ones((2, 6), bool),
+                    jnp.asarray(defined), None if null is None else jnp.asarray(null, jnp.float32),
+                    quantile=0.3, regime="low_divergence", suppress=True, guidance=guidance, max_per_row=1)
+
+
+def test_a_candidate_with_an_empty_window_is_never_suppressed_nor_guided():
+    # slot (1, 1) at the row's last token has D = 0 only because its window is empty
+    d = [[0.5, 0.9], [0.2, 0.0]]
+    cand, _, fa, idx, g_valid, sums = _classify(d, [[True, True], [True, False]])
+    fa = np.asarray(fa)
+    assert not np.asarray(cand)[1, 5] and np.asarray(cand).sum() == 3  # the step sees the classified ones
+    assert not fa[1, 5] and fa[1, 2]  # the lowest *defined* D is the false alarm
+    assert float(sums["undefined"]) == 1 and float(sums["classified"]) == 3 and float(sums["cand"]) == 4
+    guided = {(r, int(np.asarray(idx)[r, 0])) for r in range(2) if np.asarray(g_valid)[r, 0]}
+    assert (1, 1) not in guided and (0, 1) in guided
+    # without the exclusion the empty window (D = 0) would be the false alarm
+    _, _, fa_all, *_ = _classify(d, [[True, True], [True, True]])
+    assert np.asarray(fa_all)[1, 5] and not np.asarray(fa_all)[1, 2]
+
+
+def test_teacher_null_rule_in_classify_is_measured_not_a_quantile():
+    d = [[0.5, 0.9], [0.2, 0.3]]
+    null = [[0.6, 1.0], [0.3, 0.4]]  # every candidate within the teacher's own spread
+    _, _, fa, idx, g_valid, sums = _classify(d, np.ones((2, 2), bool), null)
+    assert float(sums["low"]) == 4 and np.asarray(fa).sum() == 4  # 100 %, not q = 30 %
+    assert not np.asarray(g_valid).any()  # nothing left to guide
+    _, _, fa, *_ = _classify(d, np.ones((2, 2), bool), [[0.1, 0.1], [0.1, 0.1]])
+    assert not np.asarray(fa).any()
 
 
 def test_exact_solver_is_at_most_the_entropic_cost():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,12 @@ from topd_jax.algorithms.scoring import forward_hidden, hidden_states, score_tok
 from topd_jax.losses import (
     false_alarms,
     margin_w1,
+    near_future_count,
     near_future_window,
     ot_distance,
     select_candidates,
     select_candidates_quantile,
-    select_guidance_points,
+    teacher_null_false_alarms,
 )
 from topd_jax.rollout import GenerationResult, continue_from
 from topd_jax.rollout.engine import left_align
@@ -198,9 +199,18 @@ def needs_student_continuations(cfg: RunConfig) -> bool:
     return t.detector == "margin_w1" or (t.detector == "ot_embedding" and not t.reuse_student_suffix)
 
 
+class Detection(NamedTuple):
+    """What ``detect`` measured, per slot ``[R, C]``."""
+    d: jax.Array                 # D_t (0 where undefined)
+    conts: Any                   # (teacher continuations, per_slot) or None
+    defined: jax.Array           # bool: D_t is defined (kl_window: t+1..t+K holds a token)
+    null: jax.Array | None       # D(teacher, teacher') (topd.false_alarm_rule=teacher_null)
+    ot_error: jax.Array | None   # [rows] Sinkhorn marginal L1 error of every OT solve
+
+
 def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timings,
-           student_cache=None) -> tuple[jax.Array, Any]:
-    """D per slot ``[R, C]`` and the teacher continuations ``(result, per_slot)`` if any.
+           student_cache=None) -> Detection:
+    """D per slot ``[R, C]``, where it is defined, and the teacher continuations if any.
     ``student_cache``: the rollout's KV cache (``generate(..., return_cache=True)``), so the
     student's continuations skip re-prefilling the rollouts."""
     _, pos, valid, branch_at = slots
@@ -208,7 +218,9 @@ def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timi
     r, c = pos.shape
     if t.detector == "kl_window":
         d_tok = near_future_window(loss, rows["loss_mask"], t.window)
-        return jnp.take_along_axis(d_tok, pos, axis=1), None
+        # An empty window (the last completion token) has no D: excluded, not "D = 0" (D6).
+        defined = jnp.take_along_axis(near_future_count(rows["loss_mask"], t.window), pos, axis=1) > 0
+        return Detection(jnp.take_along_axis(d_tok, pos, axis=1), None, defined, None, None)
     k_t, k_s = jax.random.split(key)
     if t.detector == "ot_embedding":
         n = t.continuations_per_side
@@ -221,25 +233,36 @@ def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timi
                            student_cache)
             s_tok, s_mask = s_cont.tokens, s_cont.mask
         table = frozen.ot_table if frozen.ot_table is not None else student.embedding_table()
-        d, _ = timed(timings, "scoring", _ot_jit, table, t_cont.tokens, t_cont.mask, s_tok, s_mask,
-                     epsilon=t.sinkhorn_epsilon, iters=t.sinkhorn_iters, solver=t.ot_solver,
-                     pad_eos=frozen.eos_ids[0] if t.ot_window_end == "pad_eos" else None)
-        return d.reshape(r, c, n).mean(axis=2), (t_cont, n)
+        ot = functools.partial(_ot_jit, table, epsilon=t.sinkhorn_epsilon, iters=t.sinkhorn_iters,
+                               solver=t.ot_solver, pad_eos=frozen.eos_ids[0] if t.ot_window_end == "pad_eos" else None)
+        d, err = timed(timings, "scoring", ot, t_cont.tokens, t_cont.mask, s_tok, s_mask)
+        defined = (t_cont.mask.any(axis=1) & s_mask.any(axis=1)).reshape(r, c, n).all(axis=2)
+        null = None
+        if t.false_alarm_rule == "teacher_null":  # teacher j against teacher j + 1 of the same slot
+            nxt = (jnp.arange(r * c * n) // n) * n + (jnp.arange(r * c * n) + 1) % n
+            d_null, err_null = timed(timings, "scoring", ot, t_cont.tokens, t_cont.mask, t_cont.tokens[nxt],
+                                     t_cont.mask[nxt])
+            null, err = d_null.reshape(r, c, n).mean(axis=2), jnp.concatenate([err, err_null])
+        return Detection(d.reshape(r, c, n).mean(axis=2), (t_cont, n), defined, null, err)
     n = t.margin_samples  # margin_w1
     t_cont = timed(timings, "sampling", _continuations, cfg, frozen.teacher, rows, branch_at, k_t, frozen, n)
     s_cont = timed(timings, "sampling", _continuations, cfg, student, rows, branch_at, k_s, frozen, n, student_cache)
     m_t, ok_t = timed(timings, "scoring", _margins, student, frozen.teacher, t_cont, (r, c, n))
     m_s, ok_s = timed(timings, "scoring", _margins, student, frozen.teacher, s_cont, (r, c, n))
-    return margin_w1(m_t, m_s, ok_t, ok_s), (t_cont, n)
+    defined = ok_t.any(axis=2) & ok_s.any(axis=2)
+    return Detection(margin_w1(m_t, m_s, ok_t, ok_s), (t_cont, n), defined, None, None)
 
 
 # ---- guidance --------------------------------------------------------------------------------
-def guided_slots(cand, d_tok, d_slot, valid, pos, *, quantile: float, max_per_row: int | None):
-    """Up to m = min(max_per_row, C) guided slots per rollout, most divergent first:
-    ``idx [R, m]`` slot indices and ``g_valid [R, m]``."""
+def guided_slots(cand, false_alarm, d_tok, d_slot, valid, pos, *, max_per_row: int | None):
+    """Up to m = min(max_per_row, C) guided slots per rollout among the candidates that are not
+    false alarms (``[R, L]`` bool each), most divergent first: ``idx [R, m]`` slot indices and
+    ``g_valid [R, m]``."""
     c = pos.shape[1]
     m = c if max_per_row is None else min(max_per_row, c)
-    guided_tok = select_guidance_points(cand, d_tok, quantile=quantile, max_per_row=max_per_row)
+    divergent = cand & ~false_alarm
+    guided_tok = divergent if max_per_row is None else select_candidates(d_tok, divergent, num=max_per_row,
+                                                                         min_separation=1)
     g = jnp.take_along_axis(guided_tok, pos, axis=1) & valid  # [R, C]
     _, idx = lax.top_k(jnp.where(g, d_slot, -jnp.inf), m)
     return idx, jnp.take_along_axis(g, idx, axis=1)
@@ -289,27 +312,38 @@ def guidance_batch(cfg: RunConfig, rows, slots, idx, g_valid, conts, key, frozen
 
 # ---- the whole preparation ------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("quantile", "regime", "suppress", "guidance", "max_per_row"))
-def classify(cand, pos, valid, d_slot, loss, loss_mask, *, quantile: float, regime: str, suppress: bool,
-             guidance: bool, max_per_row: int | None):
+def classify(cand, pos, valid, d_slot, loss, loss_mask, defined, null_slot, *, quantile: float, regime: str,
+             suppress: bool, guidance: bool, max_per_row: int | None):
     """Over the whole batch (before any micro-batching, as in the paper): D token-indexed, the
     false alarms of the suppressed regime, guided slots and the detector metrics' sums, in one
-    compiled call.
+    compiled call. Candidates whose D is not ``defined`` (``[R, C]``) are left out: never
+    suppressed, never guided, counted in ``sums["undefined"]``. ``null_slot`` ``[R, C]`` (or
+    None): the teacher-null rule, a false alarm when D <= D(teacher, teacher'); else the
+    batch-quantile rule.
 
-    Returns ``(divergence [R, L], false_alarm [R, L], idx [R, m] | None, g_valid [R, m] | None,
-    sums)``.
+    Returns ``(candidates [R, L] (those classified), divergence [R, L], false_alarm [R, L],
+    idx [R, m] | None, g_valid [R, m] | None, sums)``.
     """
-    d_slot = jnp.where(valid, d_slot, 0.0)
-    d_tok = scatter_slots(d_slot, pos, valid, loss.shape[1])
-    suppressed = false_alarms(cand, d_tok, quantile=quantile, regime=regime)
-    low = false_alarms(cand, d_tok, quantile=quantile, regime="low_divergence")
+    length = loss.shape[1]
+    classified = valid & defined
+    d_slot = jnp.where(classified, d_slot, 0.0)
+    d_tok = scatter_slots(d_slot, pos, classified, length)
+    cand = cand & (scatter_slots(jnp.ones(pos.shape), pos, classified, length) > 0)  # D defined
+    if null_slot is not None:
+        low = teacher_null_false_alarms(cand, d_tok, scatter_slots(null_slot, pos, classified, length))
+        suppressed = low  # teacher_null with regime high_divergence: a config error
+    else:
+        suppressed = false_alarms(cand, d_tok, quantile=quantile, regime=regime)
+        low = false_alarms(cand, d_tok, quantile=quantile, regime="low_divergence")
     m = loss_mask.astype(jnp.float32)
-    sums = {"loss": jnp.sum(loss * m), "tokens": jnp.sum(m), "cand": jnp.sum(cand), "low": jnp.sum(low),
+    sums = {"loss": jnp.sum(loss * m), "tokens": jnp.sum(m), "cand": jnp.sum(valid), "classified": jnp.sum(cand),
+            "undefined": jnp.sum(valid & ~defined), "low": jnp.sum(low),
             "suppressed": jnp.sum(suppressed) if suppress else jnp.float32(0.0), "div": jnp.sum(d_slot)}
     idx = g_valid = None
     if guidance:
-        idx, g_valid = guided_slots(cand, d_tok, d_slot, valid, pos, quantile=quantile, max_per_row=max_per_row)
+        idx, g_valid = guided_slots(cand, low, d_tok, d_slot, valid, pos, max_per_row=max_per_row)
         sums["guided"] = jnp.sum(g_valid)
-    return d_tok, suppressed, idx, g_valid, sums
+    return cand, d_tok, suppressed, idx, g_valid, sums
 
 
 def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,
@@ -332,15 +366,15 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     slots = candidate_slots(loss, batch["loss_mask"], mode=t.candidate_mode, num=t.num_candidates,
                             min_separation=t.min_separation, quantile=t.candidate_quantile, rollback=t.rollback)
     cand, pos, valid, _ = slots
-    d_slot, conts = detect(cfg, student, batch, loss, slots, k_det, frozen, timings, gen.cache)
+    det = detect(cfg, student, batch, loss, slots, k_det, frozen, timings, gen.cache)
+    conts = det.conts
     gen = gen.replace(cache=None)  # not part of what prepare returns (memory)
     mode = cfg.suppression
     del batch["weights"]  # the step's topd_loss weighs the tokens from the classification
-    batch["divergence"], batch["false_alarm"], idx, g_valid, sums = classify(
-        cand, pos, valid, d_slot, loss, batch["loss_mask"], quantile=t.false_alarm_quantile,
+    batch["candidates"], batch["divergence"], batch["false_alarm"], idx, g_valid, sums = classify(
+        cand, pos, valid, det.d, loss, batch["loss_mask"], det.defined, det.null, quantile=t.false_alarm_quantile,
         regime="high_divergence" if mode == "high_divergence" else "low_divergence", suppress=mode != "none",
         guidance=cfg.uses_guidance, max_per_row=t.max_guided_points)
-    batch["candidates"] = cand
     precomputed = None
     if cfg.fuses_main_pass:  # ∂L/∂ℓ pulled back through the kept residuals (no second forward)
         spec = LossSpec.from_config(cfg, batch["ids"].shape[1])
@@ -356,10 +390,15 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     metrics.update({
         "detector_token_loss": (sums["loss"], sums["tokens"]),
         "candidates_per_rollout": (sums["cand"], rows_n),
-        "false_alarm_fraction": (sums["low"], sums["cand"]),  # high-loss tokens in the low-divergence regime
-        "suppressed_fraction": (sums["suppressed"], sums["cand"]),
-        "divergence": (sums["div"], sums["cand"]),  # mean D_t over candidates
+        # quantile rule: q of the classified candidates by definition (not a measurement); teacher_null: measured
+        "false_alarm_fraction": (sums["low"], sums["classified"]),
+        "suppressed_fraction": (sums["suppressed"], sums["classified"]),
+        "divergence": (sums["div"], sums["classified"]),  # mean D_t over candidates with a defined D
+        "undefined_divergence_fraction": (sums["undefined"], sums["cand"]),  # empty windows (D6)
     })
+    if det.ot_error is not None and t.ot_solver != "exact":
+        err = np.asarray(fetch(det.ot_error))
+        metrics["ot_marginal_error"] = (float(err.sum()), float(err.size))  # Sinkhorn row-marginal L1
     if t.detector == "ot_embedding":
         metrics["local_ot"] = metrics["divergence"]
     if cfg.uses_guidance:

@@ -486,6 +486,10 @@ class RunConfig(_Checked):
         if self.algorithm == "sft" and self.data.source != "files":
             raise ConfigError("data.source", "algorithm=sft trains on the files' responses; "
                               f"got data.source={self.data.source!r}")
+        if self.topd.false_alarm_rule == "teacher_null" and self.suppression == "high_divergence":
+            raise ConfigError("topd.false_alarm_rule", "teacher_null classifies each candidate "
+                              "against the teacher's own spread; it has no matched high-divergence "
+                              "set: use false_alarm_rule=quantile with suppression=high_divergence")
         if self.uses_guidance and self.suppression == "high_divergence":
             raise ConfigError("topd.suppression", "high_divergence suppresses the candidates "
                               "guidance would pick (the most divergent ones); the paper's "

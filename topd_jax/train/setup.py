@@ -180,9 +180,6 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
     else:
         teacher = model_plan(cfg.teacher, "teacher", teacher_path, cfg.seed + 1)
         _check_vocab(student, teacher)
-    if cfg.topd.false_alarm_rule != "quantile":  # losses has it; the trainer does not use it yet
-        raise RunSetupError(f"topd.false_alarm_rule={cfg.topd.false_alarm_rule!r}: the trainer "
-                            f"implements only 'quantile'")
     if cfg.logging.wandb:  # optional, never a dependency: fail here, before anything runs
         from topd_jax.train.metrics import WandbMissingError, import_wandb
         try:
