@@ -8,7 +8,8 @@
 with ``"step"``; the names read here are ``token_kl`` (mean ℓ, the per-token divergence),
 ``false_alarm_fraction`` (the share of high-loss candidates at or below the batch's
 ``topd.false_alarm_quantile`` of D: q by definition, up to ties -- a setting, not a
-measurement; ``bench/detector_roc.py`` measures the true surface share against labels) and ``local_ot`` (mean near-future OT distance D_t of the candidates); the last two
+measurement -- under ``topd.false_alarm_rule=quantile``; measured under ``teacher_null``;
+``bench/detector_roc.py`` measures the true surface share against labels) and ``local_ot`` (mean near-future OT distance D_t of the candidates); the last two
 exist only when the detector runs (TOPD, or OPD with suppression). ``evals`` maps a step
 to the student's accuracy on the held-out problems (step 0: before training).
 """
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Sequence
 REPORT_JSON = "demo_report.json"
 REPORT_PNG = "demo_report.png"
 CURVES = (("token_kl", "mean per-token loss ℓ"),
-          ("false_alarm_fraction", "suppressed share (= q by definition)"),
+          ("false_alarm_fraction", "suppressed share (= q under the quantile rule)"),
           ("local_ot", "mean local OT D_t"))
 
 
@@ -94,7 +95,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         ("student accuracy after", _fmt(report["student_accuracy_after"], True)),
         ("mean ℓ (first 10% -> last 10% of steps)",
          f"{_fmt(m['token_kl']['first'])} -> {_fmt(m['token_kl']['last'])}"),
-        ("suppressed share of candidates (= q by definition)",
+        ("suppressed share of candidates (= q under the quantile rule)",
          _fmt(m["false_alarm_fraction"]["mean"], True)),
         ("mean local OT (all / first 10% -> last 10%)",
          f"{_fmt(m['local_ot']['mean'])} / {_fmt(m['local_ot']['first'])} -> "
