@@ -262,6 +262,7 @@ def _flash_bwd(bq, bkv, res, d_out):
     sp = k.shape[2]
     nq = tp // bq
     scale = h**-0.5
+    dt = qg.dtype
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [B, k, g, Tp]
     q_max = jnp.max(slots.reshape(b, nq, bq), axis=(0, 2))  # [nq]: last slot any query of block i sees
@@ -279,13 +280,15 @@ def _flash_bwd(bq, bkv, res, d_out):
                 p = jnp.where(vis, jnp.exp(s - lse_i), 0.0)  # [B, k, g, bq, bkv]
                 do_i = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=3)  # [B, k, g, bq, h]
                 dl_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)[..., None]
-                dv_j = dv_j + jnp.einsum("bkgqs,bkgqh->bksh", p, do_i)
-                dp = jnp.einsum("bkgqh,bksh->bkgqs", do_i, v_blk.astype(jnp.float32))
+                # matmul operands in the input dtype, float32 accumulation (as the forward)
+                mm = lambda spec, x, y: jnp.einsum(spec, x.astype(dt), y.astype(dt), preferred_element_type=jnp.float32)
+                dv_j = dv_j + mm("bkgqs,bkgqh->bksh", p, do_i)
+                dp = mm("bkgqh,bksh->bkgqs", do_i, v_blk)
                 ds = p * (dp - dl_i) * scale
                 dq_i = jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=3)
-                dq_i = dq_i + jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk.astype(jnp.float32))
+                dq_i = dq_i + mm("bkgqs,bksh->bkgqh", ds, k_blk)
                 dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=3)
-                dk_j = dk_j + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_blk.astype(jnp.float32))
+                dk_j = dk_j + mm("bkgqs,bkgqh->bksh", ds, q_blk)
                 return dq, dk_j, dv_j
 
             sees = q_max[i] >= j * bkv
