@@ -148,7 +148,7 @@ def test_command_prepares_the_cold_start_then_runs_tapo_and_reports(tmp_path, ca
     args = ["--config", TAPO_DEMO, *TINY, "steps=2", f"output_dir={tmp_path}/run",
             f"demo.cache_dir={tmp_path}/cache"]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     cache = list((tmp_path / "cache").iterdir())
     assert [d.name[:11] for d in cache] == ["cold_start-"]  # no temp dirs left behind
     meta = demo.read_meta(cache[0])
@@ -160,7 +160,8 @@ def test_command_prepares_the_cold_start_then_runs_tapo_and_reports(tmp_path, ca
     assert [s for s, _ in report["eval_curve"]] == [0, 2]
     assert report["training"]["dcs_pass_fraction"] is not None  # TAPO's metrics were logged
     assert report["final"]["greedy"]["num"] == 8 and report["cold_start"]["greedy_accuracy"] == meta["greedy_accuracy"]
-    assert "greedy accuracy before -> after" in out and "rl demo: cold start" in out
+    # The report table is the command's output; progress messages are log lines on stderr.
+    assert "greedy accuracy before -> after" in out and "rl demo: cold start" in err
     # Same recipe: the cached cold start is reused (no second training).
     logs = []
     assert rl_demo.prepare_cold_start(_cfg(*TINY, f"demo.cache_dir={tmp_path}/cache", "algorithm=grpo"),

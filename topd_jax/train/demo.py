@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,6 +45,7 @@ META_FILE = "demo_meta.json"
 # Bump when the preparation recipe changes in a way the hashed fields do not show.
 RECIPE_VERSION = 2
 Log = Callable[[str], None]
+log_info: Log = logging.getLogger(__name__).info  # progress messages (the CLI shows them on stderr)
 
 
 # ---------------------------------------------------------------- config -> models
@@ -182,7 +184,7 @@ def _train_role(cfg: RunConfig, role: str, progress: bool) -> tuple[Qwen, dict[s
 
 
 def prepare_role(cfg: RunConfig, role: str, *, progress: bool = True,
-                 log: Log = print) -> Path:
+                 log: Log = log_info) -> Path:
     """The cached HF directory of the ``role`` model, trained and saved first if missing."""
     out = cache_dir_for(cfg, role)
     if (meta := read_meta(out)) is not None:
@@ -210,7 +212,7 @@ def prepare_role(cfg: RunConfig, role: str, *, progress: bool = True,
 
 
 def prepare_demo_models(cfg: RunConfig, *, progress: bool = True,
-                        log: Log = print) -> tuple[str, str]:
+                        log: Log = log_info) -> tuple[str, str]:
     """``(student_dir, teacher_dir)``: HF directories of the demo's student and teacher.
 
     A spec that already names a ``path`` is used as it is; otherwise the model is trained

@@ -1,10 +1,11 @@
 """``train(cfg) -> TrainResult``: the training loop shared by every algorithm.
 
 Per step: prompts (grain, resumable) -> ``algorithms.prepare_batch`` (sampling, teacher
-scoring, TOPD detector; no gradient) -> ``TrainStep`` (jitted update) -> metrics, periodic
-evaluation, checkpoint. Resume: the latest good checkpoint restores the train state, the
-data iterator, the metrics history and the non-finite counter, so re-running the same
-command continues exactly; ``metrics.jsonl`` and ``tb/`` are rewound to the restored step
+scoring, TOPD detector; with ``topd.fused_main_pass`` also the OPD term's gradient, pulled
+back through the forward that gave the detector its ℓ_t) -> ``TrainStep`` (jitted update) ->
+metrics, periodic evaluation, checkpoint. Resume: the latest good checkpoint restores the
+train state, the data iterator, the metrics history and the non-finite counter, so
+re-running the same command continues exactly; ``metrics.jsonl`` and ``tb/`` are rewound to the restored step
 (what a run killed between two checkpoints logged after it is dropped, then logged again
 once), and a run that restores nothing starts them afresh. SIGTERM: save, then return with ``preempted=True`` (the command
 exits 0). Non-finite loss: the step is skipped (state unchanged) and counted; after

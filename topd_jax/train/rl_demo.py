@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -62,6 +63,7 @@ RECIPE_VERSION = 1
 CORRECTION_WORD = "wait"
 TOKENIZER = synthetic.SyntheticTokenizer(construction_words=True)
 Log = Callable[[str], None]
+log_info: Log = logging.getLogger(__name__).info  # progress messages (the CLI shows them on stderr)
 
 
 # ---------------------------------------------------------------- lengths (tokens)
@@ -263,7 +265,7 @@ def _save(model: Qwen, meta: Mapping[str, Any], out: Path) -> None:
             shutil.rmtree(tmp)
 
 
-def prepare_cold_start(cfg: RunConfig, *, progress: bool = True, log: Log = print) -> str:
+def prepare_cold_start(cfg: RunConfig, *, progress: bool = True, log: Log = log_info) -> str:
     """The cold-start student's HF directory: ``student.path`` when set, else the cache entry
     (trained and saved first if missing)."""
     if cfg.data.source != "synthetic":
