@@ -55,6 +55,51 @@ def test_branch_continuation_equals_generating_from_the_truncated_prefix(model, 
     np.testing.assert_array_equal(out.completion_mask, ref.completion_mask)
 
 
+def _largest_value(jaxpr) -> int:
+    """Elements of the largest array any equation of `jaxpr` (sub-jaxprs included) produces."""
+    from jax.extend.core import jaxprs_in_params
+    biggest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            biggest = max(biggest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for sub in jaxprs_in_params(eqn.params):
+            biggest = max(biggest, _largest_value(sub))
+    return biggest
+
+
+def test_branching_shares_the_prefix_cache_instead_of_copying_it_per_candidate(model, rollouts):
+    """c = 8 candidates per sequence: no array of the compiled call is as large as the prefix
+    cache of one layer repeated c times (the old `jnp.repeat` of the whole cache was), and the
+    returned cache holds the b prefixes once plus a K-slot private cache per candidate."""
+    from flax import nnx
+
+    from topd_jax.models.cache import BranchCache, slots_for
+    from topd_jax.rollout.branch import continue_impl
+    from topd_jax.rollout.sampling import SamplingConfig
+
+    seq, seq_mask = rollouts.sequences, rollouts.sequence_mask
+    b, length = seq.shape
+    c = 8
+    branch_at = np.tile(np.array([[8, 12, 16]]), (b, 3))[:, :c]  # every column has a real token before it
+    out = continue_from(model, seq, seq_mask, branch_at, key=jax.random.key(0), num_tokens=K,
+                        cache=rollouts.cache, return_cache=True)
+    cache = out.cache
+    assert isinstance(cache, BranchCache)
+    kv, hd = CFG.num_kv_heads, CFG.head_dim
+    assert all(x.shape == (b, kv, slots_for(length), hd) for x in cache.prefix.k + cache.prefix.v)
+    assert all(x.shape == (b * c, kv, slots_for(K), hd) for x in cache.suffix.k + cache.suffix.v)
+    fed = np.concatenate([np.ones((b * c, 1), bool), np.asarray(out.mask[:, :K - 1])], axis=1)  # re-fed token, then K-1
+    np.testing.assert_array_equal(cache.suffix.mask[:, :K], fed)
+
+    graphdef, state = nnx.split(model)
+    keys = jax.random.split(jax.random.key(0), b * c)
+    traced = jax.make_jaxpr(lambda st, cch: continue_impl(
+        nnx.merge(graphdef, st), seq, seq_mask, jax.numpy.asarray(branch_at), keys, cch, num_tokens=K,
+        sampling=SamplingConfig(1.0, 1.0, 0), eos_ids=(), pad_id=0, return_cache=False))(state, rollouts.cache)
+    one_layer_repeated = b * c * kv * length * hd
+    assert _largest_value(traced.jaxpr) < one_layer_repeated / 2
+
+
 def test_branch_sequences_teacher_force_to_the_returned_log_probs(model, rollouts):
     out = continue_from(model, rollouts.sequences, rollouts.sequence_mask, BRANCH_AT, key=jax.random.key(9),
                         num_tokens=K)

@@ -108,3 +108,53 @@ class KVCache:
     def map_kv(self, fn) -> "KVCache":
         """`fn` applied to every layer's k and v [B, kv_heads, S, h] (e.g. a sharding constraint)."""
         return self.replace(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)))
+
+
+@flax.struct.dataclass
+class BranchCache:
+    """Decode cache of c candidates branching off each of b shared prefixes (rollout branching):
+    the prefixes' keys are stored and read once per sequence, never copied per candidate.
+
+    prefix:     KVCache [b rows]      the whole sequences (read-only here); prefix.mask = real tokens
+    prefix_end: [b, c] int32          candidate (b, j) sees the prefix slots s < prefix_end[b, j]
+                                      whose prefix.mask is True
+    suffix:     KVCache [b * c rows]  each candidate's own tokens (row b * c + j), written by decode
+
+    A query of row b * c + j attends over the union of its prefix slots and its suffix slots
+    <= its own: two partial attentions merged exactly (`merge_partials`). For the prefix part
+    the c candidates of sequence b are c extra queries of row b (q_slots = prefix_end - 1), so
+    the prefix blocks below max(prefix_end) are read once per sequence and step.
+    The model drives it like a KVCache (admit, write, attend, advance act on the suffix).
+    """
+
+    prefix: KVCache
+    prefix_end: jax.Array
+    suffix: KVCache
+
+    @property
+    def index(self) -> jax.Array:
+        return self.suffix.index
+
+    def admit(self, mask: jax.Array) -> "BranchCache":
+        return self.replace(suffix=self.suffix.admit(mask))
+
+    def write(self, layer: int, k: jax.Array, v: jax.Array) -> "BranchCache":
+        return self.replace(suffix=self.suffix.write(layer, k, v))
+
+    def advance(self, t: int) -> "BranchCache":
+        return self.replace(suffix=self.suffix.advance(t))
+
+    def attend(self, q: jax.Array, layer: int) -> jax.Array:
+        """q [b * c, T, heads, h] -> [b * c, T, heads, h] over prefix + own suffix slots."""
+        b, c = self.prefix_end.shape
+        rows, t, n, h = q.shape
+        q_seq = q.reshape(b, c * t, n, h)  # candidate j's T queries: columns j*T .. j*T + T - 1
+        q_slots = jnp.repeat(self.prefix_end.astype(jnp.int32) - 1, t, axis=1)  # [b, c*T]
+        p = self.prefix
+        out_p, m_p, l_p = attention(q_seq, p.k[layer], p.v[layer], q_slots=q_slots, kv_mask=p.mask,
+                                    kv_len=jnp.max(self.prefix_end).astype(jnp.int32), impl="chunked",
+                                    block_q=512, block_kv=p.block, return_stats=True)
+        to_rows = lambda s: s.reshape(b, n, c, t).transpose(0, 2, 1, 3).reshape(rows, n, t)  # [b,N,c*T] -> [r,N,T]
+        out_p = out_p.reshape(rows, t, n, h)
+        out_s, m_s, l_s = self.suffix.attend(q, layer, return_stats=True)
+        return merge_partials(out_p, to_rows(m_p), to_rows(l_p), out_s, m_s, l_s)[0]

@@ -6,12 +6,14 @@ K tokens with any model, every candidate of every row in one batched call.
     out.tokens [b * c, K]; out.sequences = c_t followed by the continuation, ready to teacher-force
 
 How the prefix is reused. The b whole sequences are prefilled ONCE (or not at all when the
-caller passes a cache that already holds them, e.g. `generate(..., return_cache=True)`); the
-filled cache is repeated c times along the batch and each copy's slots >= t are masked out
-(the slot-mask KV cache). The decode then appends after slot L, with positions continuing
-from the prefix. Instead of the hidden state at t-1 (not kept in a cache), the last prefix
-token is hidden too and fed again as the first decode step, so both paths share one code
-path; it costs one single-token step.
+caller passes a cache that already holds them, e.g. `generate(..., return_cache=True)`), and
+that cache is shared, never copied per candidate (`models.cache.BranchCache`): candidate
+(b, j) sees sequence b's slots before its branch point, and its own K tokens live in a small
+private cache of b * c rows. Each step's attention is the exact merge of the two partials;
+the prefix part reads sequence b's filled blocks once for all its c candidates. Positions
+continue from the prefix. Instead of the hidden state at t-1 (not kept in a cache), the last
+prefix token is hidden too and fed again as the first decode step (into the private cache),
+so both paths share one code path; it costs one single-token step.
 
 Row order: output row b * c + j is candidate j of sequence b. Keys as in `generate`: one key
 (split into b * c row keys) or b * c keys; continuation step s of row r uses
@@ -28,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from topd_jax.models import KVCache, default_positions
-from topd_jax.models.cache import slots_for
+from topd_jax.models.cache import BranchCache, slots_for
 from topd_jax.rollout.engine import (
     GenerationResult,
     assemble,
@@ -43,10 +45,6 @@ from topd_jax.sharding import constrain
 from topd_jax.sharding.hosts import fetch
 
 
-def _repeat_rows(cache: KVCache, times: int) -> KVCache:
-    return cache.map_kv(lambda x: jnp.repeat(x, times, axis=0)).replace(mask=jnp.repeat(cache.mask, times, axis=0))
-
-
 def continue_impl(model, sequences: jax.Array, sequence_mask: jax.Array, branch_at: jax.Array,
                   keys: jax.Array, cache: KVCache | None, *, num_tokens: int, sampling: SamplingConfig,
                   eos_ids: tuple[int, ...], pad_id: int, return_cache: bool) -> GenerationResult:
@@ -54,32 +52,34 @@ def continue_impl(model, sequences: jax.Array, sequence_mask: jax.Array, branch_
     batch, length = sequences.shape
     per_row = branch_at.shape[1]
     seq_mask = sequence_mask.astype(bool)
-    slots = slots_for(length + num_tokens)  # L prefix slots, the re-fed token, K - 1 fed continuation tokens
+    prefix_slots = slots_for(length)  # whole blocks: the attention never pads (copies) the prefix
     if cache is None:  # prefill each sequence once; its hidden states / logits are not needed
-        cache = constrain_cache(model.init_cache(batch, slots))
+        cache = constrain_cache(model.init_cache(batch, prefix_slots))
         _, cache = model.hidden_states(constrain(sequences, ("act_batch", "act_seq")),
                                        positions=default_positions(seq_mask), attention_mask=seq_mask, cache=cache)
     else:
-        cache = cache.resized(slots)
-    cache = _repeat_rows(cache, per_row)  # [.., b * c, ..]: one copy per candidate, no recompute
+        cache = cache.resized(prefix_slots)  # once per call, b rows (no copy when already that size)
+    prefix = constrain_cache(cache.replace(mask=jnp.pad(seq_mask, ((0, 0), (0, prefix_slots - length)))))
 
     ids = jnp.repeat(sequences, per_row, axis=0)  # [r, L]
     t = branch_at.reshape(-1)  # [r]
     cols = jnp.arange(length)[None, :]
-    prefix = jnp.repeat(seq_mask, per_row, axis=0) & (cols < t[:, None])  # c_t: real tokens before t
-    last = length - 1 - jnp.argmax(jnp.flip(prefix, axis=1), axis=1)  # [r] last real column < t
-    visible = prefix & (cols < last[:, None])  # the last prefix token is fed again below
-    cache = cache.replace(mask=jnp.pad(visible, ((0, 0), (0, slots - length))), index=jnp.asarray(length, jnp.int32))
-    cache = constrain_cache(cache)
+    prefix_cols = jnp.repeat(seq_mask, per_row, axis=0) & (cols < t[:, None])  # c_t: real tokens before t
+    last = length - 1 - jnp.argmax(jnp.flip(prefix_cols, axis=1), axis=1)  # [r] last real column < t
+    # candidate (b, j) sees the prefix slots < last (the last prefix token is fed again below, into
+    # its own cache); the c candidates share sequence b's prefix cache
+    suffix = model.init_cache(batch * per_row, slots_for(num_tokens))  # the re-fed token + K - 1 fed tokens
+    branch = BranchCache(prefix=prefix, prefix_end=last.reshape(batch, per_row).astype(jnp.int32), suffix=suffix)
+    branch = constrain_cache(branch)
 
     last_token = jnp.take_along_axis(ids, last[:, None], axis=1)  # [r, 1]
-    position = visible.sum(axis=1, dtype=jnp.int32)  # [r] = position of the last prefix token
-    hidden, cache = model.hidden_states(last_token, positions=position[:, None],
-                                        attention_mask=jnp.ones_like(last_token, bool), cache=cache)
+    position = (prefix_cols & (cols < last[:, None])).sum(axis=1, dtype=jnp.int32)  # [r] = position of the last token
+    hidden, branch = model.hidden_states(last_token, positions=position[:, None],
+                                         attention_mask=jnp.ones_like(last_token, bool), cache=branch)
     logits = model.compute_logits(hidden)[:, 0]
-    decoded = decode(model, constrain_cache(cache), logits, position + 1, keys, num_tokens=num_tokens,
+    decoded = decode(model, constrain_cache(branch), logits, position + 1, keys, num_tokens=num_tokens,
                      sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
-    prefix_ids, prefix_mask = left_align(ids, prefix)
+    prefix_ids, prefix_mask = left_align(ids, prefix_cols)
     return assemble(prefix_ids, prefix_mask, decoded, decoded[-1] if return_cache else None, pad_id)
 
 
@@ -128,8 +128,10 @@ def continue_from(model, sequences, sequence_mask, branch_at, *, key, num_tokens
     `.sequence_mask`); any gaps or padding are allowed, positions are cumsum(mask) - 1.
     branch_at [b] or [b, c] int: column of the token to regenerate; the prefix is the real
     tokens in columns < t (1 <= t <= L; t = L continues after the whole sequence).
-    cache: optional KVCache [.., b, >= L - 1 slots, ..] already holding these sequences, slot
-    j = column j (as `generate(..., return_cache=True)` returns); skips the prefill.
+    cache: optional KVCache (b rows, >= L - 1 slots) already holding these sequences, slot
+    j = column j (as `generate(..., return_cache=True)` returns); skips the prefill. It is
+    shared by the c candidates of each row, not copied per candidate.
+    return_cache: keep the decode's `BranchCache` (those b prefixes + [b * c rows, K slots]).
     Sampling arguments as in `generate`.
 
     Returns a `GenerationResult` with rows b * c: `tokens`/`mask`/... [b * c, num_tokens] are

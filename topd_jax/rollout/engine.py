@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from topd_jax.models import CACHE_KV_AXES, CACHE_MASK_AXES, KVCache, default_positions
-from topd_jax.models.cache import slots_for
+from topd_jax.models.cache import BranchCache, slots_for
 from topd_jax.rollout.sampling import SamplingConfig, sample, token_log_prob
 from topd_jax.sharding import constrain
 
@@ -51,7 +51,8 @@ class GenerationResult:
     sequences       [r, p + n]     left-aligned prompt, then the completion
     sequence_mask   [r, p + n]     real tokens (prompt or completion)
     completion_mask [r, p + n]     completion tokens (the targets of a teacher-forced loss)
-    cache           KVCache | None the decode cache (`return_cache=True`): slot j = column j
+    cache           the decode cache (`return_cache=True`), else None: generate's KVCache, slot
+                   j = column j; continue_from's BranchCache (shared prefixes + private suffixes)
     """
 
     tokens: jax.Array
@@ -63,7 +64,7 @@ class GenerationResult:
     sequences: jax.Array
     sequence_mask: jax.Array
     completion_mask: jax.Array
-    cache: KVCache | None = None
+    cache: KVCache | BranchCache | None = None
 
     @property
     def prompt_mask(self) -> jax.Array:
@@ -89,8 +90,11 @@ def left_align(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.take_along_axis(ids, source, axis=1), jnp.take_along_axis(mask, source, axis=1)
 
 
-def constrain_cache(cache: KVCache) -> KVCache:
+def constrain_cache(cache: KVCache | BranchCache) -> KVCache | BranchCache:
     """Shard the cache by its logical axes (a no-op without a mesh)."""
+    if isinstance(cache, BranchCache):
+        return cache.replace(prefix=constrain_cache(cache.prefix), suffix=constrain_cache(cache.suffix),
+                             prefix_end=constrain(cache.prefix_end, ("act_batch", None)))
     return cache.map_kv(lambda x: constrain(x, CACHE_KV_AXES)).replace(mask=constrain(cache.mask, CACHE_MASK_AXES))
 
 
