@@ -267,12 +267,12 @@ def layer_activation_bytes(config: ModelConfig, rows: int, length: int, mesh: di
     return total
 
 
-def logits_chunk_bytes(student: ModelConfig, rows: int, length: int, chunk: int | None,
+def logits_chunk_bytes(config: ModelConfig, rows: int, length: int, chunk: int | None,
                        mesh: dict[str, int]) -> int:
     """Per-device bytes of the loss's live logits (``losses.chunked`` / ``scoring``): student and
     teacher float32 logits of one chunk ``[rows, chunk, V]`` and their softmaxes (4 arrays);
     ``chunk`` None (``loss.vocab_chunk`` unset): the whole ``[rows, T, V]``."""
-    shape = (rows, length if chunk is None else min(chunk, length), student.vocab_size)
+    shape = (rows, length if chunk is None else min(chunk, length), config.vocab_size)
     return 4 * _act_bytes(shape, np.float32, ("act_batch", None, "act_vocab"), mesh)
 
 
@@ -288,15 +288,18 @@ class Phase:
 
 
 def forward_phase(name: str, config: ModelConfig, rows: int, length: int, mesh: dict[str, int],
-                  attn: AttentionPlan) -> Phase:
+                  attn: AttentionPlan, *, logits: int = 0) -> Phase:
     """A no-gradient forward over ``rows`` rows of ``length`` tokens: one layer is live at a time
-    (its activations + attention intermediates); the final hidden states are the update batch's."""
+    (its activations + attention intermediates); the final hidden states are the update batch's.
+    ``logits``: bytes of the per-token scoring's live logits chunks, when the phase scores tokens."""
     moe = bool(config.moe_layers)
-    return Phase(name, {
-        f"attention, one layer ({name}; {attn.describe()})":
-            attention_bytes(config, rows, length, length, mesh, attn=attn),
-        f"activations, one {'MoE ' if moe else ''}layer ({name})":
-            layer_activation_bytes(config, rows, length, mesh, moe=moe)})
+    out = {f"attention, one layer ({name}; {attn.describe()})":
+           attention_bytes(config, rows, length, length, mesh, attn=attn),
+           f"activations, one {'MoE ' if moe else ''}layer ({name})":
+           layer_activation_bytes(config, rows, length, mesh, moe=moe)}
+    if logits:
+        out[f"scoring logits chunks ({name})"] = logits
+    return Phase(name, out)
 
 
 def update_phase(name: str, cfg: RunConfig, student: ModelConfig, segments: Sequence[tuple[int, int]],
@@ -419,17 +422,20 @@ def activation_phases(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig
         # the warm-up's teacher scores in optim.micro_batches row groups (algorithms.warmup)
         groups = cfg.optim.micro_batches if cfg.algorithm == "warmup" else 1
         name = "teacher scoring" if cfg.needs_teacher else "reference scoring"
+        # GRPO/TAPO's reference log-probs: one model's logits chunks (logits_chunk_bytes counts two)
+        ref_logits = 0 if cfg.needs_teacher else logits_chunk_bytes(teacher, r, length, cfg.loss.vocab_chunk, mesh) // 2
         out.append(forward_phase(name if groups == 1 else f"{name}, {groups} row groups", teacher, r // groups,
-                                 length, mesh, t_attn))
+                                 length, mesh, t_attn, logits=ref_logits))
         if g:
             out.append(forward_phase("teacher guidance rows", teacher, g, length + k, mesh, t_attn))
     if cfg.uses_detector:
         if not cfg.fuses_main_pass:
-            out.append(forward_phase("student ℓ_t pass", student, r, length, mesh, s_attn))
+            out.append(forward_phase("student ℓ_t pass", student, r, length, mesh, s_attn,
+                                     logits=logits_chunk_bytes(student, r, length, cfg.loss.vocab_chunk, mesh)))
         elif with_step:  # topd.fused_main_pass: the OPD term's forward + backward in prepare (else compiled)
             out.append(update_phase("student ℓ_t pass, fused", cfg, student, [(r, length)], mesh, s_attn))
     if with_step:
-        mb = cfg.optim.micro_batches
+        mb = cfg.optim.micro_batches * (cfg.grpo.updates_per_batch if cfg.is_rl else 1)  # RL: mini-batches too
         segments = [(r // mb, length)] + ([(max(g // mb, 1), length + k)] if g else [])
         out.append(update_phase("student update" + (" with guidance rows" if g else ""), cfg, student, segments,
                                 mesh, s_attn))
