@@ -2,7 +2,7 @@
 
     bash bench/gpu_suite.sh                       # one H100/H200: Qwen3-1.7B student, Qwen3-8B teacher
     python bench/gpu_suite.py --gpu h100          # the same, H100 defaults (bandwidth, peak FLOP/s)
-    python bench/gpu_suite.py --tiny              # tiny random models on CPU, seconds: checks the script
+    python bench/gpu_suite.py --tiny              # tiny random models on CPU (about a minute): checks the script
 
 Models: random weights (``init_model``) of the presets qwen3-1.7b (student) and qwen3-8b
 (teacher) in bfloat16 compute (student master weights float32, as the paper's configs), on one
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth-tbs", type=float, default=None, help="HBM bandwidth, TB/s (default: --gpu's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, TFLOP/s (default: --gpu's)")
     p.add_argument("--tiny", "--dry-run", dest="tiny", action="store_true",
-                   help="tiny random models and lengths: checks the script on CPU in seconds")
+                   help="tiny random float32 models and lengths: checks the script on CPU (compile-bound, about a minute)")
     p.add_argument("--student", default="qwen3-1.7b")
     p.add_argument("--teacher", default="qwen3-8b")
     p.add_argument("--decode-batch", type=int, default=64)

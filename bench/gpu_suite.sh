@@ -6,7 +6,7 @@
 #   pip install -e ".[gpu]"
 #   bash bench/gpu_suite.sh                  # H200 defaults (4.8 TB/s, 989 TFLOP/s)
 #   bash bench/gpu_suite.sh --gpu h100       # H100 SXM defaults (3.35 TB/s)
-#   bash bench/gpu_suite.sh --tiny           # tiny models on CPU: checks the script in seconds
+#   bash bench/gpu_suite.sh --tiny           # tiny models on CPU: checks the script (about a minute, compile-bound)
 # Other flags: python bench/gpu_suite.py --help. Results also as JSON with --json FILE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
