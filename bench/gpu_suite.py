@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth-tbs", type=float, default=None, help="HBM bandwidth, TB/s (default: --gpu's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, TFLOP/s (default: --gpu's)")
     p.add_argument("--tiny", "--dry-run", dest="tiny", action="store_true",
-                   help="tiny random float32 models and lengths: checks the script on CPU (compile-bound, about a minute)")
+                   help="tiny random float32 models and lengths: checks the script on CPU "
+                        "(compile-bound, about a minute)")
     p.add_argument("--student", default="qwen3-1.7b")
     p.add_argument("--teacher", default="qwen3-8b")
     p.add_argument("--decode-batch", type=int, default=64)
