@@ -218,3 +218,19 @@ def test_the_loop_passes_project_entity_name_and_the_config_to_wandb(tmp_path):
     cfg = tiny_config(tmp_path, "logging.wandb=true", "logging.wandb_project=topd", "logging.wandb_name=run1")
     assert wandb_init(cfg, tmp_path) == {"project": "topd", "entity": None, "name": "run1",
                                          "config": to_dict(cfg), "dir": str(tmp_path)}
+
+
+def test_an_unfinished_log_interval_survives_a_checkpoint_as_json():
+    """The loop saves the accumulator with each checkpoint: after a resume the interval's
+    mean covers the steps before the checkpoint too (logging.every > 1)."""
+    acc = PairAccumulator()
+    acc.add({"kl": (3.0, 2), "loss": 1.0})
+    acc.add({"kl": (float("nan"), 1), "loss": 2.0})
+    state = json.loads(json.dumps(acc.get_state(), allow_nan=False))  # strict JSON
+    resumed = PairAccumulator()
+    resumed.set_state(state)
+    resumed.add({"loss": 6.0})
+    out = reduce_pairs(resumed.pop())
+    assert out["loss"] == 3.0 and math.isnan(out["kl"])
+    acc.pop()
+    assert acc.get_state() == {}

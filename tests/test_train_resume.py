@@ -18,7 +18,7 @@ from tests._train_tiny import cli_config_file, tiny_config, tiny_model_dirs
 from topd_jax.train.loop import TIMING_KEYS, train
 
 REPO = Path(__file__).resolve().parents[1]
-N = 2
+N = 3  # checkpoint.every (kill between N and 2N); logging.every=2, so the step-N + 1 row mixes both runs
 
 
 def _wait_for(predicate, proc, timeout, what):
@@ -50,11 +50,13 @@ def _tb_steps(run_dir):
 
 
 def test_sigkill_between_checkpoints_then_resume_logs_each_step_once_as_the_straight_run(tmp_path):
-    """checkpoint.every=N: the child is killed after step N + 1 was logged but before the
-    checkpoint at 2N; the resumed run restores step N, rewinds metrics.jsonl and tb/ to it and
-    logs N + 1 .. 2N again, so every step is there once, equal to the uninterrupted run."""
+    """checkpoint.every=N=3, logging.every=2: the child is killed after step N + 1 = 4 was
+    logged (the mean of steps 3 and 4) but before the checkpoint at 2N; the resumed run restores
+    step N with its unfinished log interval (step 3), rewinds metrics.jsonl and tb/ to N and
+    logs 4 and 6 again, so every logged step is there once, equal to the uninterrupted run."""
     killed_dir, marker = tmp_path / "killed", tmp_path / "logged_step_n_plus_1"
-    overrides = ("logging.tensorboard=true", f"checkpoint.every={N}")
+    overrides = ("logging.tensorboard=true", f"checkpoint.every={N}", "logging.every=2")
+    logged = list(range(2, 2 * N + 1, 2))
     child = tmp_path / "child.py"
     # The loop asks the checkpointer whether step N + 1 is due right after logging it: hang
     # there (a job killed at an arbitrary point between two checkpoints).
@@ -80,14 +82,14 @@ def test_sigkill_between_checkpoints_then_resume_logs_each_step_once_as_the_stra
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert [r["step"] for r in _jsonl_rows(killed_dir)] == list(range(1, N + 2))  # N + 1 logged, not saved
+    assert [r["step"] for r in _jsonl_rows(killed_dir)] == [2, N + 1]  # N + 1 logged, not saved
     assert sorted(int(p.name) for p in (killed_dir / "checkpoints").iterdir() if p.name.isdigit()) == [N]
 
     resumed = train(tiny_config(killed_dir, *overrides, steps=2 * N))
     straight = train(tiny_config(tmp_path / "straight", *overrides, steps=2 * N))
-    assert [r["step"] for r in _jsonl_rows(killed_dir)] == list(range(1, 2 * N + 1))
+    assert [r["step"] for r in _jsonl_rows(killed_dir)] == logged
     assert _jsonl_rows(killed_dir) == _jsonl_rows(tmp_path / "straight")
-    assert _tb_steps(killed_dir) == _tb_steps(tmp_path / "straight") == list(range(1, 2 * N + 1))
+    assert _tb_steps(killed_dir) == _tb_steps(tmp_path / "straight") == logged
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(jax.device_get(straight.params))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731

@@ -155,6 +155,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     history: list[dict[str, float]] = []
     evals: dict[int, float] = {}
     nonfinite_run = skipped_total = 0
+    acc = PairAccumulator()  # the current log interval (logging.every steps)
     resume_from = -1  # the metrics files start afresh unless a checkpoint is restored
     if cfg.checkpoint.resume:
         restored = ckpt.restore(abstract_state(state, shardings))
@@ -166,6 +167,8 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             evals = {int(k): float(v) for k, v in restored.metrics["evals"].items()}
             nonfinite_run = int(restored.metrics["nonfinite_run"])
             skipped_total = int(restored.metrics["skipped_total"])
+            # Checkpoints written before the interval was saved lack it: start it empty.
+            acc.set_state(restored.metrics.get("log_interval", {}))
             if restored.config != to_dict(cfg):
                 log.warning("resuming from %s step %d with a config that differs from the saved one",
                             cfg.checkpoint_dir, restored.step)
@@ -194,13 +197,13 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             return
         ckpt.save(step, state, data=loader.get_state(), config=to_dict(cfg), force=force,
                   metrics={"history": _json_history(history), "evals": {str(k): v for k, v in evals.items()},
-                           "nonfinite_run": nonfinite_run, "skipped_total": skipped_total})
+                           "nonfinite_run": nonfinite_run, "skipped_total": skipped_total,
+                           "log_interval": acc.get_state()})
 
     lg = cfg.logging
     # Rows and events that a killed run wrote after the restored step are dropped first.
     sink = MetricsSink(out_dir, stdout=lg.stdout, jsonl=lg.jsonl, tensorboard=lg.tensorboard,
                        resume_from=resume_from, wandb=wandb_init(cfg, out_dir))
-    acc = PairAccumulator()
     preempted = False
     flag = PreemptionFlag()
     if threading.current_thread() is threading.main_thread():  # signals need the main thread

@@ -75,6 +75,14 @@ class PairAccumulator:
         out, self._sums = {k: (s, c) for k, (s, c) in self._sums.items()}, {}
         return out
 
+    def get_state(self) -> dict[str, list]:
+        """JSON-safe ``{name: [sum (None if not finite), count]}``: the unfinished log interval
+        that a checkpoint keeps, so a resumed run logs the same interval means."""
+        return {k: [s if math.isfinite(s) else None, c] for k, (s, c) in self._sums.items()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._sums = {k: [math.nan if s is None else float(s), float(c)] for k, (s, c) in state.items()}
+
 
 class MetricsSink:
     """Write reduced metrics per step to the enabled sinks.
