@@ -30,10 +30,10 @@ Continuations are sampled once at the largest K and truncated for the smaller on
 
 What it measures on the demo models: the demo task (``topd_jax.data.synthetic``) has one-word
 connectives and operand order as its surface forms, and neither model has ever seen a
-repair, so RECOVERY positions are only "the token after an unrepaired slip". The labelled
-task of ``topd_jax.data.labelled`` (multi-token connectives, a teacher that repairs planted
-slips) needs models trained on it; this script takes them with ``--student``/``--teacher``
-and ``--task labelled`` once they exist.
+repair, so RECOVERY positions are only "the token after an unrepaired slip". ``--task
+labelled`` uses the labelled task of ``topd_jax.data.labelled`` (multi-token connectives, a
+teacher that repairs planted slips) and its models (``train.labelled_demo``: trained and
+cached on first use, their gates in ``demo_meta.json``), or ``--student``/``--teacher``.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ import numpy as np  # noqa: E402
 from topd_jax.algorithms.scoring import forward_hidden, score_tokens  # noqa: E402
 from topd_jax.data import labelled, synthetic  # noqa: E402
 from topd_jax.losses import (auroc, margin_w1, masked_quantile, near_future_count,  # noqa: E402
-                             near_future_window, ot_distance, select_candidates_quantile,
+                             near_future_window, ot_distance, select_candidates, select_candidates_quantile,
                              token_divergence)
 from topd_jax.models import load_pretrained  # noqa: E402
 from topd_jax.rollout import continue_from, generate  # noqa: E402
-from topd_jax.train import demo  # noqa: E402
+from topd_jax.train import demo, labelled_demo  # noqa: E402
 from topd_jax.train.config_loader import load_config  # noqa: E402
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -129,8 +129,18 @@ def roc_points(scores, pos, neg, num=21):
     return out
 
 
+def guided_precision(d: np.ndarray, eligible: np.ndarray, lab: np.ndarray, slots_per_row: int) -> float:
+    """TOPD's guided point per rollout: the most divergent candidate that is not a false alarm;
+    the share of them at FORK or RECOVERY positions (NaN if none is guided)."""
+    d2, ok = d.reshape(-1, slots_per_row), eligible.reshape(-1, slots_per_row)
+    best = np.argmax(np.where(ok, d2, -np.inf), axis=1)
+    guided = ok.any(1)
+    picked = lab.reshape(-1, slots_per_row)[np.arange(len(best)), best][guided]
+    return float(np.isin(picked, (FORK, RECOVERY)).mean()) if guided.any() else float("nan")
+
+
 def evaluate(d: np.ndarray, valid: np.ndarray, defined: np.ndarray, lab: np.ndarray, null: np.ndarray | None,
-             q: float) -> dict:
+             q: float, slots_per_row: int) -> dict:
     """One detector's row: AUROCs, the quantile rule, the teacher-null rule. Arrays ``[S]``
     over the candidate slots (``valid``: a real candidate); ``defined`` (within ``valid``)
     excludes empty windows, which are counted."""
@@ -145,11 +155,13 @@ def evaluate(d: np.ndarray, valid: np.ndarray, defined: np.ndarray, lab: np.ndar
     row.update(quantile_share=fa.sum() / max(defined.sum(), 1),
                quantile_precision=(fa & (lab == SURFACE)).sum() / max(fa.sum(), 1),
                quantile_recall=(fa & surf).sum() / max(surf.sum(), 1))
+    row["guided_fork_precision"] = guided_precision(d, defined & ~fa, lab, slots_per_row)
     if null is not None:
         fa = defined & (d <= null)
         row.update(null_share=fa.sum() / max(defined.sum(), 1),
                    null_precision=(fa & (lab == SURFACE)).sum() / max(fa.sum(), 1),
-                   null_recall=(fa & surf).sum() / max(surf.sum(), 1))
+                   null_recall=(fa & surf).sum() / max(surf.sum(), 1),
+                   null_guided_fork_precision=guided_precision(d, defined & ~fa, lab, slots_per_row))
     row["roc"] = roc_points(score, surf, fork | rec)
     return {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v) for k, v in row.items()}
 
@@ -175,6 +187,8 @@ def main(argv=None) -> int:
     cfg = load_config(DEMO_YAML, args.overrides)
     if args.student and args.teacher:
         student_dir, teacher_dir = args.student, args.teacher
+    elif args.task == "labelled":
+        student_dir, teacher_dir = labelled_demo.prepare_labelled_models(cfg)
     else:
         student_dir, teacher_dir = demo.prepare_demo_models(cfg)
     student, teacher = load_pretrained(student_dir), load_pretrained(teacher_dir)
@@ -186,7 +200,8 @@ def main(argv=None) -> int:
     k_roll, k_t, k_s = jax.random.split(key, 3)
 
     # 1. rollouts of the initial student, ℓ_t, labels, candidates
-    gen = generate(student, ids, pmask, key=k_roll, max_new_tokens=demo.completion_len(cfg) + 8,
+    new_tokens = labelled_demo.completion_len(cfg) if args.task == "labelled" else demo.completion_len(cfg) + 8
+    gen = generate(student, ids, pmask, key=k_roll, max_new_tokens=new_tokens,
                    temperature=1.0, eos_ids=(tok.eos_id,), num_samples=args.rollouts, pad_id=tok.pad_id)
     seqs, smask, cmask = (np.asarray(a) for a in (gen.sequences, gen.sequence_mask, gen.completion_mask))
     rows_problems = [p for p in problems for _ in range(args.rollouts)]  # row b*n + j <- prompt b
@@ -204,6 +219,8 @@ def main(argv=None) -> int:
         return float(((labels == kind) & mask_tok).sum() / max(mask_tok.sum(), 1))
 
     composition = {name: share(cand, i) for i, name in enumerate(labelled.LABEL_NAMES)}
+    top_c = np.asarray(select_candidates(ell, cmask, num=cfg.topd.num_candidates,
+                                         min_separation=cfg.topd.min_separation))
     header = {
         "rows": R, "tokens": int(cmask.sum()), "candidates": int(cand.sum()),
         "student_sampled_accuracy": float(lab_all["correct"].mean()),
@@ -211,6 +228,7 @@ def main(argv=None) -> int:
         "label_share_all_tokens": {n: share(cmask, i) for i, n in enumerate(labelled.LABEL_NAMES)},
         "label_share_candidates": composition,
         "true_surface_share_candidates": composition["surface"],
+        f"label_share_top_{cfg.topd.num_candidates}": {n: share(top_c, i) for i, n in enumerate(labelled.LABEL_NAMES)},
         "loss_surface_share": float(ell[labels == SURFACE].sum() / max(ell[cmask].sum(), 1e-9)),
         "mean_loss_by_label": {n: float(ell[(labels == i) & cmask].mean()) if ((labels == i) & cmask).any()
                                else None for i, n in enumerate(labelled.LABEL_NAMES)},
@@ -238,7 +256,7 @@ def main(argv=None) -> int:
         cnt = np.asarray(near_future_count(cmask, k))
         d = np.take_along_axis(win, pos, 1).reshape(-1)
         defined = valid_f & (np.take_along_axis(cnt, pos, 1).reshape(-1) > 0)
-        results[f"kl_window K={k}"] = evaluate(d, valid_f, defined, lab_slot, None, args.false_alarm_quantile)
+        results[f"kl_window K={k}"] = evaluate(d, valid_f, defined, lab_slot, None, args.false_alarm_quantile, C)
         # OT variants
         sx_tok, sx_m = suffix(seqs, cmask, pos, k)
         tw, tm = t_tok[:, :, :k], t_m[:, :, :k]
@@ -250,7 +268,7 @@ def main(argv=None) -> int:
             d = np.asarray(run(emb[tw[:, 0]], emb[sw], tm[:, 0], sm))
             null = np.asarray(run(emb[tw[:, 0]], emb[tw[:, 1]], tm[:, 0], tm[:, 1]))
             defined = valid_f & tm[:, 0].any(1) & sm.any(1) & tm[:, 1].any(1)
-            results[f"{name} K={k}"] = evaluate(d, valid_f, defined, lab_slot, null, args.false_alarm_quantile)
+            results[f"{name} K={k}"] = evaluate(d, valid_f, defined, lab_slot, null, args.false_alarm_quantile, C)
         # margin_w1: N continuations per side, margin = mean over its first K tokens
         n = args.margin_samples
         mt = margins["t"].reshape(R * C, n_side, kmax)[:, :n, :k]
@@ -260,7 +278,7 @@ def main(argv=None) -> int:
         m_s = (ms * oks).sum(-1) / np.maximum(oks.sum(-1), 1)
         d = np.asarray(margin_w1(m_t, m_s, okt.any(-1), oks.any(-1)))
         defined = valid_f & okt.any(-1).any(-1) & oks.any(-1).any(-1)
-        results[f"margin_w1 N={n} K={k}"] = evaluate(d, valid_f, defined, lab_slot, None, args.false_alarm_quantile)
+        results[f"margin_w1 N={n} K={k}"] = evaluate(d, valid_f, defined, lab_slot, None, args.false_alarm_quantile, C)
 
     wall = time.perf_counter() - t_start
     out = Path(args.out)
@@ -273,6 +291,9 @@ def main(argv=None) -> int:
           f"{int(cand.sum())} candidates = top {1 - args.candidate_quantile:.0%} of ℓ per rollout)")
     print(f"student sampled accuracy {header['student_sampled_accuracy']:.1%}; "
           f"candidate labels: " + ", ".join(f"{n} {v:.1%}" for n, v in composition.items() if v > 0))
+    tc = header[f"label_share_top_{cfg.topd.num_candidates}"]
+    print(f"top-{cfg.topd.num_candidates} candidates (min separation {cfg.topd.min_separation}): surface "
+          f"{tc['surface']:.1%}, fork {tc['fork']:.1%}, recovery {tc['recovery']:.1%}")
     print(f"TRUE surface share of candidates {composition['surface']:.1%} (the quantile rule's "
           f"'suppressed share' is {args.false_alarm_quantile:.0%} by definition); loss surface share "
           f"{header['loss_surface_share']:.1%}")
@@ -280,14 +301,14 @@ def main(argv=None) -> int:
                                           if v is not None))
     print()
     print("| detector | AUROC surf vs fork+rec | vs fork | vs rec | q-rule FA prec | q-rule FA recall "
-          "| null FA share | null prec | null recall | undefined |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| guided fork prec | null FA share | null prec | null recall | null guided fork prec | undefined |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda v: "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"  # noqa: E731
     for name, r in results.items():
         print(f"| {name} | {f(r['auroc_surf_vs_fork_rec'])} | {f(r['auroc_surf_vs_fork'])} | "
               f"{f(r['auroc_surf_vs_rec'])} | {f(r['quantile_precision'])} | {f(r['quantile_recall'])} | "
-              f"{f(r.get('null_share'))} | {f(r.get('null_precision'))} | {f(r.get('null_recall'))} | "
-              f"{r['undefined']} |")
+              f"{f(r['guided_fork_precision'])} | {f(r.get('null_share'))} | {f(r.get('null_precision'))} | "
+              f"{f(r.get('null_recall'))} | {f(r.get('null_guided_fork_precision'))} | {r['undefined']} |")
     print(f"\nwall {wall:.0f} s; JSON (with ROC points): {out / 'detector_roc.json'}")
     return 0
 
