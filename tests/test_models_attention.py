@@ -306,7 +306,7 @@ def _model_logits_and_grads(impl, ids, mask, *, remat="none", dtype="float32"):
     from tests._hf_tiny import random_model
     from topd_jax.models import ModelConfig, default_positions
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
                       intermediate_size=48, attention=impl, attention_block_q=3, attention_block_kv=4,
                       remat=remat, dtype=dtype)
     graphdef, params, rest = nnx.split(random_model(cfg), nnx.Param, ...)
