@@ -203,3 +203,12 @@ def test_model_spec_fields_are_model_config_fields():
         mc = models.ModelConfig(**spec.arch_overrides(), dtype=spec.dtype)
         assert mc.vocab_size >= 122  # the synthetic tokenizer's ids fit
     assert models.ModelConfig.preset("tiny-student") is not None
+
+
+def test_config_loader_command_prints_yaml_and_bad_keys_exit_2(capsys):
+    from topd_jax.train.config_loader import main
+    assert main(["--config", str(ROOT / "configs/demo.yaml"), "steps=7", "topd.window=16"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["steps"] == 7 and data["topd"]["window"] == 16
+    assert main(["--config", str(ROOT / "configs/demo.yaml"), "topd.windw=16"]) == 2
+    assert capsys.readouterr().err == "error: config key 'topd.windw': unknown key; did you mean 'topd.window'?\n"

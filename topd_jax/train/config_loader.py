@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 import types
 import typing
 from pathlib import Path
@@ -245,11 +244,15 @@ def parse_cli(argv: Sequence[str], default_config: str | Path | None = None) -> 
     return load_config(config, overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - thin CLI
-    """``python -m topd_jax.train.config_loader``: print the resolved config as YAML."""
-    cfg = parse_cli(sys.argv[1:] if argv is None else argv)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m topd_jax.train.config_loader``: print the resolved config as YAML; a bad
+    key, value or file is one ``error:`` line and exit 2 (``topd_jax.cli_common``)."""
+    from topd_jax.cli_common import run_command
+
+    def body(args: list[str]) -> int:
+        print(yaml.safe_dump(to_dict(parse_cli(args)), sort_keys=False))
+        return 0
+    return run_command(body, argv, usage=(ConfigError, FileNotFoundError))
 
 
 if __name__ == "__main__":  # pragma: no cover
