@@ -59,6 +59,21 @@ def _assert_matches_oracle(q, k, v, w, *, q_slots, kv_mask, kv_len=None, block_q
                                    err_msg=f"d{name}")
 
 
+def test_einsum_oracle_equals_jax_dot_product_attention():
+    """The oracle itself against an independent reference: jax.nn.dot_product_attention (its xla
+    implementation, GQA native) with the slot rule as a dense [B, 1, T, S] mask, at every query
+    that sees at least one slot (jax's masked rows are not 0)."""
+    b, t, s = 2, 6, 11
+    q, k, v, _ = _qkv(13, b, t, 4, 2, 8, s=s)
+    mask = jnp.asarray(np.random.default_rng(14).random((b, s)) < 0.7).at[:, 0].set(True)
+    slots = jnp.asarray([[2, 3, 5, 7, 8, 10], [0, 1, 4, 6, 9, 10]], jnp.int32)
+    visible = (jnp.arange(s)[None, None, :] <= slots[:, :, None]) & mask[:, None, :]  # [B, T, S]
+    want = jax.nn.dot_product_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=visible[:, None],
+                                        implementation="xla")
+    got = naive_attention(q, k, v, q_slots=slots, kv_mask=mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
 # GQA ratios 1, 2, 4; blocks that divide T = 12, that do not, that exceed it
 @pytest.mark.parametrize("n,kh,block_q,block_kv", [(4, 4, 4, 4), (4, 2, 5, 3), (8, 2, 64, 64), (8, 2, 3, 5)])
 def test_chunked_matches_einsum_causal_with_right_padding(n, kh, block_q, block_kv):
