@@ -144,11 +144,11 @@ def test_log_lines_go_through_tqdm_write_to_stderr(monkeypatch):
         logging.getLogger("topd_jax.train.loop").debug("hidden at info")
         cli_common.setup_logging("warning", stream=stream)  # idempotent: one handler
         assert sum(isinstance(h, cli_common.TqdmHandler) for h in logger.handlers) == 1
+        assert logger.propagate  # pytest's caplog (a root handler) still sees the records
     finally:
         for h in list(logger.handlers):
             logger.removeHandler(h)
         logger.setLevel(logging.NOTSET)
-        logger.propagate = True
     assert calls == [("resumed from ck at step 4", stream)]
 
 

@@ -59,7 +59,7 @@ def setup_logging(level: str = "info", stream=None) -> logging.Logger:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
-    logger.propagate = False  # no second copy through a root handler
+    # Records still propagate: a root handler someone installed (pytest's caplog) sees them too.
     return logger
 
 

@@ -19,14 +19,11 @@ a bad flag, config or input (nothing written), 1 when training fails (non-finite
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Sequence
 
 from topd_jax.cli_common import UsageError, add_log_level, positive, run_command, setup_logging
 from topd_jax.configs import DEMO_CONFIG  # package data: present in installed wheels too
-
-log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
