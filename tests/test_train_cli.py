@@ -35,9 +35,14 @@ def _run(capsys, tmp_path, *overrides):
 
 
 def test_unknown_key_names_the_key_and_the_nearest_valid_one(capsys, tmp_path):
+    import logging
+    package = logging.getLogger("topd_jax")
+    before = (list(package.handlers), package.level, package.propagate)
     rc, err, out = _run(capsys, tmp_path, "optim.lrr=1e-3")
     assert rc == 2 and "optim.lrr" in err and "did you mean 'optim.lr'" in err
     assert not out.exists()
+    # The command set up logging and undid it: later tests (caplog) see the logger as it was.
+    assert (list(package.handlers), package.level, package.propagate) == before
 
 
 def test_missing_model_path_is_named_and_nothing_is_written(capsys, tmp_path):
@@ -144,7 +149,6 @@ def test_log_lines_go_through_tqdm_write_to_stderr(monkeypatch):
         logging.getLogger("topd_jax.train.loop").debug("hidden at info")
         cli_common.setup_logging("warning", stream=stream)  # idempotent: one handler
         assert sum(isinstance(h, cli_common.TqdmHandler) for h in logger.handlers) == 1
-        assert logger.propagate  # pytest's caplog (a root handler) still sees the records
     finally:
         for h in list(logger.handlers):
             logger.removeHandler(h)

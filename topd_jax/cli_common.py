@@ -59,7 +59,7 @@ def setup_logging(level: str = "info", stream=None) -> logging.Logger:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
-    # Records still propagate: a root handler someone installed (pytest's caplog) sees them too.
+    logger.propagate = False  # imports (orbax) install a root handler: no second copy there
     return logger
 
 
@@ -84,9 +84,12 @@ def run_command(body: Callable[[list[str]], int | None], argv: Sequence[str] | N
     argparse's own exits pass through as codes (``--help``: 0, a usage error: 2, its message
     already printed); ``UsageError`` and the ``usage`` exception types print one line and
     give 2; ``CommandFailed`` and the ``failure`` types print one line and give 1. Anything
-    else is a bug and raises (a traceback, exit 1).
+    else is a bug and raises (a traceback, exit 1). The ``topd_jax`` logger's set-up
+    (``setup_logging`` in ``body``) is undone on return.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    package = logging.getLogger("topd_jax")  # restored afterwards: an in-process call (a test)
+    saved = (list(package.handlers), package.level, package.propagate)  # leaves no trace
     try:
         code = body(argv)
     except SystemExit as e:
@@ -97,6 +100,10 @@ def run_command(body: Callable[[list[str]], int | None], argv: Sequence[str] | N
         return error(e, EXIT_USAGE)
     except (CommandFailed, *failure) as e:
         return error(e, EXIT_FAILURE)
+    finally:
+        package.handlers[:] = saved[0]
+        package.setLevel(saved[1])
+        package.propagate = saved[2]
     return EXIT_OK if code is None else int(code)
 
 
