@@ -247,6 +247,10 @@ def test_attention_rejects_bad_shapes_naming_them():
         attention(q, k, v, q_slots=jnp.zeros((2, 3), jnp.int32), kv_mask=jnp.ones((2, 4), bool))
     with pytest.raises(ValueError, match="kv_mask"):
         attention(q, k, v, q_slots=jnp.zeros((2, 4), jnp.int32), kv_mask=jnp.ones((2, 5), bool))
+    pad_slot = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 0)))  # S = 5 keys for T = 4 queries
+    with pytest.raises(ValueError, match="S = 5 slots"):
+        attention(q, pad_slot(k), pad_slot(v), q_slots=jnp.zeros((2, 4), jnp.int32),
+                  kv_mask=jnp.ones((2, 5), bool), layout="causal")
     with pytest.raises(ValueError, match="not a multiple of K"):
         attention(q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1), q_slots=jnp.zeros((2, 4), jnp.int32),
                   kv_mask=jnp.ones((2, 4), bool))

@@ -65,7 +65,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array, k
     For cudnn / splash, query rows that are themselves padding (kv_mask[b, t] False) come back
     as 0; every implementation agrees at real rows.
     """
-    _check_inputs(q, k, v, q_slots, kv_mask, impl, layout)
+    _check_inputs(q, k, v, q_slots, kv_mask, layout)
     chosen = choose_impl(impl, jax.default_backend(), q.dtype, layout=layout,
                          return_stats=return_stats, decode=kv_len is not None)
     if chosen == "xla":
@@ -105,7 +105,7 @@ def choose_impl(impl: str, backend: str, dtype, *, layout: str = "any", return_s
     return impl
 
 
-def _check_inputs(q, k, v, q_slots, kv_mask, impl, layout):
+def _check_inputs(q, k, v, q_slots, kv_mask, layout):
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"attention: q {q.shape} must be [B, T, N, H] and k {k.shape}, v {v.shape} "
                          f"the same [B, K, S, H]")
@@ -119,6 +119,9 @@ def _check_inputs(q, k, v, q_slots, kv_mask, impl, layout):
         raise ValueError(f"attention: kv_mask {kv_mask.shape} must be [B, S] = {(b, k.shape[2])}")
     if layout not in LAYOUTS:
         raise ValueError(f"attention layout={layout!r}; expected one of {LAYOUTS}")
+    if layout == "causal" and k.shape[2] != t:
+        raise ValueError(f"attention layout='causal' is self-attention over the T = {t} queries, "
+                         f"but k {k.shape} has S = {k.shape[2]} slots")
 
 
 def _visible(q_slots, kv_mask, kv_len, slots):
