@@ -4,6 +4,13 @@
     python bench/bench_generate.py --batch 16 --torch-reps 1    # fewer torch repetitions
     python bench/bench_generate.py --preset qwen3-1.7b --batch 64 --new-tokens 1024 --dtype bfloat16 \
         --no-torch --hbm-gbps 3350                              # on one GPU: random weights, bandwidth ratio
+    python bench/bench_generate.py --batch 16 --new-tokens 1024 --cache-budget 1024 4096 --no-torch
+        # decode cost vs the preallocated cache: the same 1024 tokens in a cache sized for
+        # P + budget - 1 slots, each budget side by side in one process (ratio to the first)
+
+--cache-budget works on any checkout that has `Qwen.init_cache(batch, max_len, ...)` (it
+patches the class to allocate more slots), so an older commit can be measured by running this
+file from a `git worktree` of it.
 
 Protocol: identical weights on both sides (random HF Qwen3 saved and loaded into ours), prompts of
 64 random ids in [0, 151643) from torch.Generator().manual_seed(1), exactly --new-tokens new
@@ -66,6 +73,46 @@ def prompts(batch: int, length: int, vocab: int) -> np.ndarray:
 
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, min(vocab, 151643), (batch, length), generator=g).numpy().astype(np.int32)
+
+
+def budget_slots(prompt_len: int, budget: int) -> int:
+    """Slots of a cache sized for `budget` new tokens, in whole 256-slot blocks once longer."""
+    need = prompt_len + budget - 1
+    return need if need <= 256 else -(-need // 256) * 256
+
+
+def bench_budgets(model, batch: int, args) -> None:
+    """The same generation (args.new_tokens greedy tokens) with the cache allocated for each of
+    args.cache_budget new tokens: decode cost should follow the filled length, not the budget."""
+    from topd_jax.models.qwen import Qwen
+
+    cfg = model.config
+    ids = jnp.asarray(prompts(batch, args.prompt_len, cfg.vocab_size))
+    mask = jnp.ones(ids.shape, bool)
+    original = Qwen.init_cache
+    meds, tokens = {}, {}
+    print(f"B={batch}: {args.new_tokens} new tokens after {args.prompt_len}, cache budgets {args.cache_budget}",
+          flush=True)
+    try:
+        for budget in args.cache_budget:
+            slots = budget_slots(args.prompt_len, budget)
+            Qwen.init_cache = lambda self, b, max_len, *a, _s=slots, **kw: original(self, b, max(max_len, _s), *a, **kw)
+
+            def run():
+                res = generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=args.new_tokens,
+                               temperature=0.0)
+                tokens[budget] = np.asarray(jax.block_until_ready(res.tokens))
+
+            first, times = timed(run, args.reps)
+            meds[budget] = report(f"budget {budget} ({slots} slots)", batch * args.new_tokens, first, times,
+                                  compile_note=True)
+    finally:
+        Qwen.init_cache = original
+    base = args.cache_budget[0]
+    for budget in args.cache_budget[1:]:
+        same = bool((tokens[budget] == tokens[base]).all())
+        print(f"  budget {budget} / budget {base}: time ratio {meds[budget] / meds[base]:.2f}x, "
+              f"identical tokens {same}", flush=True)
 
 
 def bench_batch(model, hf, batch: int, args) -> None:
@@ -133,6 +180,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--hbm-gbps", type=float, default=None, help="device memory bandwidth, for the ratio")
+    p.add_argument("--cache-budget", type=int, nargs="+", default=None,
+                   help="instead of the torch comparison: time the generation with the KV cache sized "
+                        "for each of these numbers of new tokens (P + budget - 1 slots)")
     args = p.parse_args()
 
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, load avg {os.getloadavg()}, "
@@ -154,7 +204,10 @@ def main() -> None:
     print(f"model: {args.preset or args.model} ({cfg.num_params() / 1e6:.1f}M params, vocab {cfg.vocab_size}), "
           f"dtype {cfg.dtype}", flush=True)
     for batch in args.batch:
-        bench_batch(model, hf, batch, args)
+        if args.cache_budget:
+            bench_budgets(model, batch, args)
+        else:
+            bench_batch(model, hf, batch, args)
     print(f"load avg at the end {os.getloadavg()}")
 
 
