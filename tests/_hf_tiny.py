@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # the [test] extra; transformers is a dependency
+import transformers
 
 # name -> (transformers class name, config kwargs). Together they cover tied and untied
 # heads, GQA ratios 2 and 4, head_dim != hidden/heads, and rope theta != 1e6.
