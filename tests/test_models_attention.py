@@ -118,6 +118,22 @@ def test_chunked_matches_einsum_in_bfloat16():
                            block_q=8, block_kv=5, tol=3e-2)
 
 
+def test_chunked_bfloat16_vjp_of_a_jitted_call_keeps_the_input_dtype():
+    """jax.vjp(jax.jit(f)) (TOPD's fused main pass) needs the custom VJP's primal output dtype to
+    equal the function's: bf16 in, bf16 out, and the same numbers as the jit-outside path."""
+    b, t = 1, 16
+    q, k, v, w = _qkv(6, b, t, 4, 2, 8, dtype=jnp.bfloat16)
+    fn = lambda q, k, v: chunked_attention(q, k, v, q_slots=_causal_slots(b, t), kv_mask=_right_pad([16], t),
+                                           block_q=8, block_kv=8)
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    grads = vjp(w.astype(out.dtype))
+    out_ref, grads_ref = _value_and_grads(fn, q, k, v, w)
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(out_ref, np.float32))
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), atol=1e-2, rtol=1e-2)
+
+
 def test_rows_with_no_visible_slot_are_zero_with_zero_gradient():
     """Left padding: query 0 of row 1 is padding and sees no real slot."""
     b, t = 2, 6

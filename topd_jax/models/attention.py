@@ -245,7 +245,8 @@ def _flash_forward(qg, k, v, slots, mask, limit, bq, bkv):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _flash(qg, k, v, slots, mask, limit, bq, bkv):
-    return _flash_forward(qg, k, v, slots, mask, limit, bq, bkv)[0]
+    # the same dtype as _flash_fwd's primal output (custom_vjp requires it under jit(vjp))
+    return _flash_forward(qg, k, v, slots, mask, limit, bq, bkv)[0].astype(qg.dtype)
 
 
 def _flash_fwd(qg, k, v, slots, mask, limit, bq, bkv):
