@@ -11,6 +11,7 @@ from topd_jax.data.templates import (
     paper_prompt,
     qwen_chat_prompt,
     render_chatml,
+    stop_token_ids,
 )
 from topd_jax.data.tokenizer import build_qwen_tokenizer
 
@@ -96,3 +97,19 @@ def test_chat_prompt_tokenizes_with_qwen_special_ids(qwen_tok):
     assert ids[:3] == [151644, 872, 198]
     assert ids[-9:] == [151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
     assert qwen_tok.decode(ids) == qwen_chat_prompt("2+2?", thinking=False)
+
+
+def test_stop_token_ids_are_im_end_then_endoftext_for_qwen(qwen_tok):
+    assert stop_token_ids(qwen_tok, PromptTemplate("qwen-chat")) == [151645, 151643]
+
+
+class _NoStopTokens:
+    unk_token_id, eos_token_id = 0, None
+
+    def convert_tokens_to_ids(self, tok):
+        return self.unk_token_id
+
+
+def test_stop_token_ids_refuses_a_tokenizer_that_knows_none():
+    with pytest.raises(ValueError, match="im_end"):
+        stop_token_ids(_NoStopTokens(), PromptTemplate("paper"))

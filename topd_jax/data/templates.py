@@ -124,3 +124,19 @@ class PromptTemplate:
         d["example"] = self.format("{problem}")
         d["stop_tokens"] = list(self.stop_tokens)
         return d
+
+
+def stop_token_ids(tokenizer, template: PromptTemplate) -> list[int]:
+    """Ids of the template's stop tokens that ``tokenizer`` (a transformers tokenizer) knows,
+    plus its eos id; a ``ValueError`` when it knows none."""
+    ids = []
+    unk = tokenizer.unk_token_id
+    for tok in template.stop_tokens:
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(i, int) and i != unk and i not in ids:
+            ids.append(i)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"the tokenizer knows none of the stop tokens {template.stop_tokens}")
+    return ids

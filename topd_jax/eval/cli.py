@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from topd_jax.cli_common import UsageError, add_log_level, run_command, setup_logging
-from topd_jax.data.templates import TEMPLATE_NAMES, PromptTemplate
+from topd_jax.data.templates import TEMPLATE_NAMES, PromptTemplate, stop_token_ids
 
 SEED_RULE = "row key of (problem i, sample j) = fold_in(fold_in(jax.random.key(seed), i), j)"
 
@@ -82,21 +82,6 @@ def _validate(args) -> None:
             f"need temperature >= 0, 0 <= top-p <= 1, top-k >= 0; got {args.temperature},"
             f" {args.top_p}, {args.top_k}"
         )
-
-
-def stop_token_ids(tokenizer, template: PromptTemplate) -> list[int]:
-    """Ids of the template's stop tokens that the tokenizer knows, plus its eos id."""
-    ids = []
-    unk = tokenizer.unk_token_id
-    for tok in template.stop_tokens:
-        i = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(i, int) and i != unk and i not in ids:
-            ids.append(i)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError(f"the tokenizer knows none of the stop tokens {template.stop_tokens}")
-    return ids
 
 
 def _ks(args) -> list[int] | None:

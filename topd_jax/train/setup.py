@@ -123,9 +123,8 @@ def _format_fn(cfg: RunConfig) -> Callable[[str], str]:
 
 
 def _hf_text(cfg: RunConfig, student_path: str | None) -> TextIO:
-    from topd_jax.data.templates import PromptTemplate
+    from topd_jax.data.templates import PromptTemplate, stop_token_ids
     from topd_jax.data.tokenizer import load_tokenizer
-    from topd_jax.eval.cli import stop_token_ids
     from topd_jax.rewards.math import grade
     where = cfg.data.tokenizer or student_path
     if where is None:
