@@ -40,11 +40,15 @@ def fresh_from_prefixes(model, rollouts, branch_at, key):
     return generate(model, ids, mask, key=key, max_new_tokens=K)
 
 
-@pytest.mark.parametrize("reuse_cache", [False, True], ids=["prefill", "rollout_cache"])
+@pytest.mark.parametrize("reuse_cache", [False, True, "4-slot blocks"],
+                         ids=["prefill", "rollout_cache", "rollout_cache_4_slot_blocks"])
 def test_branch_continuation_equals_generating_from_the_truncated_prefix(model, rollouts, reuse_cache):
     key = jax.random.key(9)
+    cache = None if reuse_cache is False else rollouts.cache
+    if reuse_cache == "4-slot blocks":  # the shared prefix spans several key blocks of its attention
+        cache = cache.replace(block=4)
     out = continue_from(model, rollouts.sequences, rollouts.sequence_mask, BRANCH_AT, key=key, num_tokens=K,
-                        cache=rollouts.cache if reuse_cache else None)
+                        cache=cache)
     ref = fresh_from_prefixes(model, rollouts, BRANCH_AT, key)
     assert out.tokens.shape == (BRANCH_AT.size, K)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
