@@ -6,7 +6,7 @@ The contract (shared with rollout and training):
     logits = model(input_ids, attention_mask=mask)                    # [B, T, V] float32
     hidden, cache = model.hidden_states(ids, positions=pos, attention_mask=mask, cache=cache)
     logits = model.compute_logits(hidden)        # == hidden @ model.lm_head_weight()
-    cache = model.init_cache(batch, max_len)     # KVCache(k, v [L,B,Hkv,S,Dh], mask [B,S], index)
+    cache = model.init_cache(batch, max_len)     # KVCache(k, v: per layer [B,Hkv,S,Dh], mask [B,S], index)
 """
 
 from topd_jax.models.build import init_model, reconfigure
