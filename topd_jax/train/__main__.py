@@ -95,12 +95,15 @@ def _main(argv: list[str]) -> int:
     initialize_distributed(resolve_distributed(os.environ, coordinator=d.coordinator,
                                                num_processes=d.num_processes, process_id=d.process_id))
 
+    from topd_jax.data.tasks import task_for
     from topd_jax.train.loop import train
     from topd_jax.train.setup import plan_run
 
+    embedded = task_for(cfg.data.source).embedded  # the demo task: models prepared here
+
     student_path = teacher_path = None
     try:  # a missing input file is bad input (exit 2); during training it is a failure
-        if cfg.data.source == "synthetic":
+        if embedded:
             plan_run(cfg)  # validate everything before the (minutes-long) demo model preparation
             if cfg.is_rl:  # GRPO/TAPO demo: the cold-start student, no teacher
                 from topd_jax.train.rl_demo import prepare_cold_start
@@ -117,10 +120,10 @@ def _main(argv: list[str]) -> int:
     from topd_jax.sharding.hosts import is_main_process
     if not is_main_process():  # reports, plots and the summary come from process 0 alone
         return 0
-    if cfg.data.source == "synthetic" and cfg.is_rl:
+    if embedded and cfg.is_rl:
         from topd_jax.train.rl_demo import rl_report
         rl_report(cfg, result, student_dir=student_path)
-    elif cfg.data.source == "synthetic":
+    elif embedded:
         from topd_jax.train import demo
         demo.demo_report(cfg, result, student_dir=student_path, teacher_dir=teacher_path)
     print(summary_line(result), flush=True)

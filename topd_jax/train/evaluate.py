@@ -2,8 +2,8 @@
 
 Prompts are batched ``batch_size`` at a time at the fixed prompt length (a short last
 batch is filled with copies of its last prompt, whose outputs are dropped), so generation
-compiles once. Greedy when ``eval.temperature == 0``. The verifier comes from the data
-source (``synthetic.check`` for the demo task, ``rewards.math.grade`` for math files).
+compiles once. Greedy when ``eval.temperature == 0``. The verifier (``text.verify``) and the
+reflection markers are the task's (``topd_jax.data.tasks``).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from topd_jax.data.prompts import PromptExample, collate
-from topd_jax.rewards.reflection import MATH_MARKERS, SYNTHETIC_MARKERS, ReflectionStats, reflection_stats
+from topd_jax.data.tasks import task_for
+from topd_jax.rewards.reflection import ReflectionStats, reflection_stats
 from topd_jax.rollout import generate
 from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
@@ -27,11 +27,6 @@ def evaluate(cfg: RunConfig, model, examples: Sequence[PromptExample], text: Tex
     return evaluate_detailed(cfg, model, examples, text, key=key, batch_size=batch_size)[0]
 
 
-def reflection_markers(cfg: RunConfig) -> tuple[str, ...]:
-    """``wait`` on the synthetic task (its correction word), the math markers otherwise."""
-    return SYNTHETIC_MARKERS if cfg.data.source == "synthetic" else MATH_MARKERS
-
-
 def evaluate_detailed(cfg: RunConfig, model, examples: Sequence[PromptExample], text: TextIO, *,
                       key: jax.Array, batch_size: int) -> tuple[float, ReflectionStats]:
     """``(accuracy, reflection counts)``: the direct-solution and effective-reflection rates of
@@ -42,7 +37,7 @@ def evaluate_detailed(cfg: RunConfig, model, examples: Sequence[PromptExample], 
     if not examples:
         return float("nan"), stats
     correct, total = 0, 0
-    markers = reflection_markers(cfg)
+    markers = task_for(cfg.data.source).reflection_markers
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         real = len(chunk)

@@ -16,6 +16,7 @@ import jax
 
 from topd_jax.data import synthetic
 from topd_jax.data.prompts import PromptExample, load_prompts
+from topd_jax.data.tasks import MATH, SYNTHETIC, task_for
 from topd_jax.losses import common_vocab_size
 from topd_jax.models import ModelConfig
 from topd_jax.sharding import MeshConfig as ShardingMesh
@@ -106,7 +107,7 @@ def _check_vocab(student: ModelPlan, teacher: ModelPlan) -> None:
 def _synthetic_text(cfg: RunConfig) -> TextIO:
     # RL runs start from a cold start that knows the tag/correction words; other ids unchanged.
     tok = synthetic.SyntheticTokenizer(construction_words=cfg.is_rl)
-    return TextIO(encode=tok.encode, decode=tok.decode, verify=synthetic.check, eos_ids=(tok.eos_id,),
+    return TextIO(encode=tok.encode, decode=tok.decode, verify=SYNTHETIC.grade, eos_ids=(tok.eos_id,),
                   pad_id=tok.pad_id, vocab_size=tok.vocab_size,
                   encode_completion=lambda s: tok.encode(s, add_bos=False))
 
@@ -125,7 +126,6 @@ def _format_fn(cfg: RunConfig) -> Callable[[str], str]:
 def _hf_text(cfg: RunConfig, student_path: str | None) -> TextIO:
     from topd_jax.data.templates import PromptTemplate, stop_token_ids
     from topd_jax.data.tokenizer import load_tokenizer
-    from topd_jax.rewards.math import grade
     where = cfg.data.tokenizer or student_path
     if where is None:
         raise RunSetupError("data.tokenizer: no tokenizer directory (set data.tokenizer, or give the "
@@ -138,7 +138,7 @@ def _hf_text(cfg: RunConfig, student_path: str | None) -> TextIO:
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     return TextIO(encode=lambda s: tok.encode(s, add_special_tokens=False),
                   decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
-                  verify=lambda text, gold: grade(text, gold), eos_ids=eos, pad_id=int(pad),
+                  verify=MATH.grade, eos_ids=eos, pad_id=int(pad),
                   vocab_size=len(tok), hf_tokenizer=tok)
 
 
@@ -185,7 +185,7 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
             import_wandb()
         except WandbMissingError as e:
             raise RunSetupError(str(e)) from None
-    if cfg.data.source == "synthetic":
+    if task_for(cfg.data.source).embedded:
         text = _synthetic_text(cfg)
         fmt = None  # the synthetic prompt is the model input
         train, evals, skipped = _synthetic_examples(cfg, text)
