@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from topd_jax.checkpoints import save_hf
 from topd_jax.data import synthetic
+from topd_jax.data.tasks import SYNTHETIC
 from topd_jax.models import ModelConfig, Qwen, init_model
 from topd_jax.rollout import generate
 from topd_jax.train.config import ModelSpec, OptimConfig, RunConfig
@@ -116,9 +116,11 @@ def sft_batches(problems: Sequence[synthetic.Problem], batch_size: int, seed: in
                                           prompt_len, completion_len)
 
 
-def prompt_arrays(prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt_arrays(prompts: Sequence[str], length: int,
+                  tokenizer: synthetic.SyntheticTokenizer = synthetic.SyntheticTokenizer(),
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded prompt ids [N, length] int32 and mask [N, length] bool (bos first)."""
-    tok = synthetic.SyntheticTokenizer()
+    tok = tokenizer
     ids, mask = np.full((len(prompts), length), tok.pad_id, np.int32), np.zeros((len(prompts), length), bool)
     for i, p in enumerate(prompts):
         row = tok.encode(p)
@@ -128,24 +130,34 @@ def prompt_arrays(prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.n
     return ids, mask
 
 
+def complete(model: Qwen, prompts: Sequence[str], *, prompt_len: int, max_new_tokens: int,
+             temperature: float = 0.0, seed: int = 0, batch_size: int = 256,
+             tokenizer: synthetic.SyntheticTokenizer = synthetic.SyntheticTokenizer()) -> list[str]:
+    """The model's completion text per prompt (greedy at temperature 0), the demos' one
+    generation loop. Batches are padded to ``min(batch_size, len(prompts))`` rows (copies of
+    the batch's first prompt, outputs dropped) so that generation compiles once; batch ``b``
+    starting at prompt ``start`` samples with ``key(seed + start)``."""
+    batch_size, out = min(batch_size, len(prompts)), []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        real = len(chunk)
+        ids, mask = prompt_arrays(chunk + [chunk[0]] * (batch_size - real), prompt_len, tokenizer)
+        res = generate(model, ids, mask, key=jax.random.key(seed + start), max_new_tokens=max_new_tokens,
+                       temperature=temperature, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+        tokens = np.asarray(res.tokens)
+        out += [tokenizer.decode(tokens[i]) for i in range(real)]
+    return out
+
+
 def accuracy(model: Qwen, problems: Sequence[synthetic.Problem], *, max_new_tokens: int,
              prompt_len: int, temperature: float = 0.0, seed: int = 0,
              batch_size: int = 256) -> float:
-    """Fraction of ``problems`` whose completion passes ``synthetic.check`` (greedy when
-    ``temperature`` is 0). Batches are padded to ``batch_size`` rows: one compile."""
-    tok, correct = synthetic.SyntheticTokenizer(), 0
-    batch_size = min(batch_size, len(problems))
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        prompts = [p.prompt for p in chunk] + [chunk[0].prompt] * (batch_size - len(chunk))
-        ids, mask = prompt_arrays(prompts, prompt_len)
-        res = generate(model, ids, mask, key=jax.random.key(seed + start),
-                       max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
-        tokens = np.asarray(res.tokens)
-        correct += sum(synthetic.check(tok.decode(tokens[i]), p.answer)
-                       for i, p in enumerate(chunk))
-    return correct / len(problems)
+    """Fraction of ``problems`` whose ``complete`` text passes the synthetic task's verifier
+    (greedy when ``temperature`` is 0)."""
+    texts = complete(model, [p.prompt for p in problems], prompt_len=prompt_len,
+                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                     batch_size=batch_size)
+    return sum(SYNTHETIC.grade(t, p.answer) for t, p in zip(texts, problems)) / len(problems)
 
 
 # ---------------------------------------------------------------- preparation

@@ -43,14 +43,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import jax
 import numpy as np
 
 from topd_jax.algorithms.tapo_construct import Failure, parse_construction, splice_text
 from topd_jax.data import synthetic
+from topd_jax.data.tasks import SYNTHETIC
 from topd_jax.models import Qwen, init_model
 from topd_jax.rewards import reflection
-from topd_jax.rollout import generate
 from topd_jax.train import demo
 from topd_jax.train.config import RunConfig
 from topd_jax.train.setup import RunSetupError
@@ -132,36 +131,17 @@ def cold_start_batches(problems: Sequence[synthetic.Problem], batch_size: int, s
 
 
 # ---------------------------------------------------------------- measurement
-def _left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> left-padded ids ``[N, length]`` int32 and mask ``[N, length]`` bool."""
-    ids, mask = np.full((len(rows), length), TOKENIZER.pad_id, np.int32), np.zeros((len(rows), length), bool)
-    for i, row in enumerate(rows):
-        if len(row) > length:
-            raise ValueError(f"prompt {i} has {len(row)} tokens > {length}")
-        ids[i, length - len(row):], mask[i, length - len(row):] = row, True
-    return ids, mask
-
-
 def complete(model: Qwen, prompts: Sequence[str], *, prompt_len: int, max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0, batch_size: int = 256) -> list[str]:
-    """The model's completion text per prompt (greedy at temperature 0); batches padded to
-    ``min(batch_size, len(prompts))`` rows so that generation compiles once."""
-    batch_size, out = min(batch_size, len(prompts)), []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        real = len(chunk)
-        ids, mask = _left_pad([TOKENIZER.encode(p) for p in chunk + [chunk[0]] * (batch_size - real)], prompt_len)
-        res = generate(model, ids, mask, key=jax.random.key(seed + start), max_new_tokens=max_new_tokens,
-                       temperature=temperature, eos_ids=(TOKENIZER.eos_id,), pad_id=TOKENIZER.pad_id)
-        tokens = np.asarray(res.tokens)
-        out += [TOKENIZER.decode(tokens[i]) for i in range(real)]
-    return out
+    """``demo.complete`` with the 128-word tokenizer (the cold start knows the tags and ``wait``)."""
+    return demo.complete(model, prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                         temperature=temperature, seed=seed, batch_size=batch_size, tokenizer=TOKENIZER)
 
 
 def reflection_stats(completions: Sequence[str], correct: Sequence[bool]) -> dict[str, float | None]:
     """Accuracy and ``topd_jax.rewards.reflection``'s rates (marker ``wait``) as a JSON-ready
     dict; a rate over an empty set is None."""
-    r = reflection.reflection_stats(completions, correct, reflection.SYNTHETIC_MARKERS)
+    r = reflection.reflection_stats(completions, correct, SYNTHETIC.reflection_markers)
 
     def val(x: float) -> float | None:
         return None if math.isnan(x) else x
@@ -176,7 +156,7 @@ def solve_stats(model: Qwen, problems: Sequence[synthetic.Problem], *, max_new_t
     """``reflection_stats`` of the model's solutions to ``problems``."""
     texts = complete(model, [p.prompt for p in problems], prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                      temperature=temperature, seed=seed)
-    return reflection_stats(texts, [synthetic.check(t, p.answer) for t, p in zip(texts, problems)])
+    return reflection_stats(texts, [SYNTHETIC.grade(t, p.answer) for t, p in zip(texts, problems)])
 
 
 def construction_stats(model: Qwen, problems: Sequence[synthetic.Problem], *, prompt_len: int,
@@ -202,7 +182,7 @@ def construction_stats(model: Qwen, problems: Sequence[synthetic.Problem], *, pr
         if isinstance(sp, Failure):
             continue
         kept, prefix = kept + 1, prefix + sp.prefix_len
-        right = synthetic.check(TOKENIZER.decode(sp.ids), p.answer)
+        right = SYNTHETIC.grade(TOKENIZER.decode(sp.ids), p.answer)
         ideal = parse_construction(target).reconstruction.split()
         head = ideal[: ideal.index(CORRECTION_WORD) + 1]  # the wrong prefix through its slip, + wait
         correct += right
