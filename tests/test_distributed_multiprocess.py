@@ -5,7 +5,7 @@ TOPD with the OT detector on a data=2, fsdp=2, tensor=2 mesh, 2 micro-batches, 3
 prompts placed as global arrays, sampling, the detector's continuations (host-side branch
 points gathered across processes), guidance rows, the sharded update, evaluation, Orbax saves
 from both processes and the HF export. Checked: every history value and the final parameters
-equal the 1-process run; only process 0 printed and wrote metrics; the 2-process checkpoint
+equal the 1-process run; only process 0 logged and wrote metrics; the 2-process checkpoint
 restores in the 1-process run (another host count) to the same parameters and data position.
 
 Run as ``python tests/test_distributed_multiprocess.py PORT PID RUN_DIR OUT.json`` it is one worker.
@@ -128,6 +128,8 @@ if __name__ == "__main__":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from topd_jax.sharding.distributed import DistributedArgs, initialize_distributed
     initialize_distributed(DistributedArgs("explicit", f"127.0.0.1:{port}", 2, pid))
+    from topd_jax.cli_common import setup_logging  # the loop logs as the train CLI shows it
+    setup_logging("info")
     summary = run(run_dir)[0]
     from topd_jax.sharding.hosts import any_process  # e.g. SIGTERM seen by one host only
     summary["any_process"] = [any_process(pid == 1), any_process(False)]
