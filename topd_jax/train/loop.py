@@ -15,8 +15,8 @@ History rows (``TrainResult.history``, one per step, floats): ``step``, ``loss``
 optimised objective), ``opd_loss`` (L_OPD_w), ``traj_loss`` (L_traj, TOPD), ``token_kl``
 (mean per-token divergence ℓ on completion tokens), ``ce`` (warm-up), ``grad_norm``,
 ``lr``, ``skipped``, ``rollout_len``, ``rollout_finished``, detector metrics when it runs
-(``detector_token_loss``, ``candidates_per_rollout``, ``false_alarm_fraction`` — high-loss
-tokens in the low-divergence regime, ``suppressed_fraction``, ``divergence`` — mean D_t
+(``detector_token_loss``, ``candidates_per_rollout``, ``false_alarm_fraction`` — the share of
+candidates marked as false alarms (q by definition under the quantile rule), ``suppressed_fraction``, ``divergence`` — mean D_t
 over candidates, ``local_ot`` — the same for the OT detector, ``guided_points_per_rollout``),
 and timing: ``time_sampling``, ``time_scoring``, ``time_update``, ``time_step`` (s),
 ``tokens_per_s`` (completion tokens / step time).
