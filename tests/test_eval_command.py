@@ -128,3 +128,11 @@ def test_pad_batch_left_pads_to_a_multiple():
     assert mask.tolist() == [[False, True, True, True], [False, False, False, True]]
     with pytest.raises(ValueError, match="zero tokens"):
         pad_batch([[]], pad_id=0, multiple=4)
+
+
+def test_pad_batch_to_an_exact_length_refuses_a_longer_prompt():
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, length=5)
+    assert ids.tolist() == [[0, 0, 5, 6, 7], [0, 0, 0, 0, 8]]
+    assert mask.sum(axis=1).tolist() == [3, 1]
+    with pytest.raises(ValueError, match="prompt 1 has 4 tokens > length=3"):
+        pad_batch([[1], [1, 2, 3, 4]], pad_id=0, length=3)

@@ -35,9 +35,9 @@ import numpy as np
 
 from topd_jax.checkpoints import save_hf
 from topd_jax.data import synthetic
-from topd_jax.data.tasks import SYNTHETIC
+from topd_jax.data.tasks import SYNTHETIC, task_for
+from topd_jax.eval.generation import generate_in_batches, pad_batch
 from topd_jax.models import ModelConfig, Qwen, init_model
-from topd_jax.rollout import generate
 from topd_jax.train.config import ModelSpec, OptimConfig, RunConfig
 from topd_jax.train.sft import train_sft
 
@@ -116,36 +116,28 @@ def sft_batches(problems: Sequence[synthetic.Problem], batch_size: int, seed: in
                                           prompt_len, completion_len)
 
 
-def prompt_arrays(prompts: Sequence[str], length: int,
-                  tokenizer: synthetic.SyntheticTokenizer = synthetic.SyntheticTokenizer(),
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def prompt_arrays(prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded prompt ids [N, length] int32 and mask [N, length] bool (bos first)."""
-    tok = tokenizer
-    ids, mask = np.full((len(prompts), length), tok.pad_id, np.int32), np.zeros((len(prompts), length), bool)
-    for i, p in enumerate(prompts):
-        row = tok.encode(p)
-        if len(row) > length:
-            raise ValueError(f"prompt {i} has {len(row)} tokens > {length}: {p!r}")
-        ids[i, length - len(row):], mask[i, length - len(row):] = row, True
-    return ids, mask
+    tok = synthetic.SyntheticTokenizer()
+    return pad_batch([tok.encode(p) for p in prompts], pad_id=tok.pad_id, length=length)
 
 
 def complete(model: Qwen, prompts: Sequence[str], *, prompt_len: int, max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0, batch_size: int = 256,
              tokenizer: synthetic.SyntheticTokenizer = synthetic.SyntheticTokenizer()) -> list[str]:
-    """The model's completion text per prompt (greedy at temperature 0), the demos' one
-    generation loop. Batches are padded to ``min(batch_size, len(prompts))`` rows (copies of
-    the batch's first prompt, outputs dropped) so that generation compiles once; batch ``b``
-    starting at prompt ``start`` samples with ``key(seed + start)``."""
-    batch_size, out = min(batch_size, len(prompts)), []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        real = len(chunk)
-        ids, mask = prompt_arrays(chunk + [chunk[0]] * (batch_size - real), prompt_len, tokenizer)
-        res = generate(model, ids, mask, key=jax.random.key(seed + start), max_new_tokens=max_new_tokens,
-                       temperature=temperature, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-        tokens = np.asarray(res.tokens)
-        out += [tokenizer.decode(tokens[i]) for i in range(real)]
+    """The model's completion text per prompt (greedy at temperature 0), from
+    ``eval.generation.generate_in_batches`` at ``prompt_len`` columns: batches of
+    ``min(batch_size, len(prompts))`` rows (one compile), the batch starting at prompt
+    ``start`` sampled with ``key(seed + start)``."""
+    rows = [tokenizer.encode(p) for p in prompts]
+    out: list[str] = []
+    for batch in generate_in_batches(
+        model, rows, batch_size=min(batch_size, len(prompts)),
+        key_for=lambda start, index: jax.random.key(seed + start), max_new_tokens=max_new_tokens,
+        eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, temperature=temperature,
+        length=prompt_len,
+    ):
+        out += [tokenizer.decode(t) for t in batch.tokens]
     return out
 
 
@@ -230,7 +222,7 @@ def prepare_demo_models(cfg: RunConfig, *, progress: bool = True,
     A spec that already names a ``path`` is used as it is; otherwise the model is trained
     (teacher: reference solutions; student: noisy ones) or taken from the cache.
     """
-    if cfg.data.source != "synthetic":
+    if task_for(cfg.data.source) is not SYNTHETIC:
         raise ValueError(f"the demo models need data.source='synthetic', got {cfg.data.source!r}")
     dirs = {}
     for role in ("teacher", "student"):

@@ -1,8 +1,9 @@
 """The periodic evaluation hook: accuracy of the student on held-out prompts.
 
-Prompts are batched ``batch_size`` at a time at the fixed prompt length (a short last
-batch is filled with copies of its last prompt, whose outputs are dropped), so generation
-compiles once. Greedy when ``eval.temperature == 0``. The verifier (``text.verify``) and the
+Prompts are batched ``batch_size`` at a time at the fixed prompt length
+(``eval.generation.generate_in_batches``: a short last batch is filled with copies of its
+last prompt, whose outputs are dropped; batch starting at prompt ``start`` samples with
+``fold_in(key, start)``), so generation compiles once. Greedy when ``eval.temperature == 0``. The verifier (``text.verify``) and the
 reflection markers are the task's (``topd_jax.data.tasks``).
 """
 
@@ -12,11 +13,10 @@ from typing import Sequence
 
 import jax
 
-from topd_jax.data.prompts import PromptExample, collate
+from topd_jax.data.prompts import PromptExample
 from topd_jax.data.tasks import task_for
+from topd_jax.eval.generation import generate_in_batches
 from topd_jax.rewards.reflection import ReflectionStats, reflection_stats
-from topd_jax.rollout import generate
-from topd_jax.sharding.hosts import fetch
 from topd_jax.train.config import RunConfig
 from topd_jax.train.setup import TextIO
 
@@ -38,18 +38,15 @@ def evaluate_detailed(cfg: RunConfig, model, examples: Sequence[PromptExample], 
         return float("nan"), stats
     correct, total = 0, 0
     markers = task_for(cfg.data.source).reflection_markers
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        real = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_size - real)
-        b = collate(chunk, cfg.data.max_prompt_len, text.pad_id)
-        res = generate(model, b["prompt_ids"], b["prompt_mask"], key=jax.random.fold_in(key, start),
-                       max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-                       eos_ids=text.eos_ids, num_samples=e.samples_per_prompt, pad_id=text.pad_id)
-        tokens, lengths = fetch(res.tokens), fetch(res.lengths)  # every process grades every row
-        for i in range(real * e.samples_per_prompt):
-            completion = text.decode(tokens[i, : lengths[i]].tolist())
-            right = bool(text.verify(completion, chunk[i // e.samples_per_prompt].answer))
+    for batch in generate_in_batches(
+        model, [ex.ids for ex in examples], batch_size=batch_size,
+        key_for=lambda start, index: jax.random.fold_in(key, start),
+        max_new_tokens=e.max_new_tokens, eos_ids=text.eos_ids, pad_id=text.pad_id,
+        temperature=e.temperature, num_samples=e.samples_per_prompt, length=cfg.data.max_prompt_len,
+    ):
+        for row, (tokens, n) in enumerate(zip(batch.tokens, batch.lengths)):
+            completion = text.decode(tokens[:n].tolist())
+            right = bool(text.verify(completion, examples[batch.index[row // e.samples_per_prompt]].answer))
             correct += right
             total += 1
             stats = stats + reflection_stats([completion], [right], markers)

@@ -47,7 +47,7 @@ import numpy as np
 
 from topd_jax.algorithms.tapo_construct import Failure, parse_construction, splice_text
 from topd_jax.data import synthetic
-from topd_jax.data.tasks import SYNTHETIC
+from topd_jax.data.tasks import SYNTHETIC, task_for
 from topd_jax.models import Qwen, init_model
 from topd_jax.rewards import reflection
 from topd_jax.train import demo
@@ -248,7 +248,7 @@ def _save(model: Qwen, meta: Mapping[str, Any], out: Path) -> None:
 def prepare_cold_start(cfg: RunConfig, *, progress: bool = True, log: Log = log_info) -> str:
     """The cold-start student's HF directory: ``student.path`` when set, else the cache entry
     (trained and saved first if missing)."""
-    if cfg.data.source != "synthetic":
+    if task_for(cfg.data.source) is not SYNTHETIC:
         raise RunSetupError(f"the cold start needs data.source='synthetic', got {cfg.data.source!r}")
     if cfg.student.path is not None:
         return cfg.student.path
