@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 from topd_jax.checkpoints.hf import check_local_dir, load_hf, read_hf_config, save_hf
-from topd_jax.checkpoints.mapping import tensor_table
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
@@ -39,4 +38,4 @@ def load_native(*args, **kwargs):
 
 
 __all__ = ["check_local_dir", "load_hf", "load_native", "load_pretrained", "read_hf_config", "save_hf",
-           "save_native", "tensor_table"]
+           "save_native"]
