@@ -83,36 +83,47 @@ def budget_slots(prompt_len: int, budget: int) -> int:
 
 def bench_budgets(model, batch: int, args) -> None:
     """The same generation (args.new_tokens greedy tokens) with the cache allocated for each of
-    args.cache_budget new tokens: decode cost should follow the filled length, not the budget."""
+    args.cache_budget new tokens: decode cost should follow the filled length, not the budget.
+    One warm-up (compile) per budget, then the timed calls interleaved (budget A, B, A, B, ...)
+    so that load drift on a shared machine hits every budget alike; wall and process CPU seconds."""
+    import time
+
     from topd_jax.models.qwen import Qwen
 
     cfg = model.config
     ids = jnp.asarray(prompts(batch, args.prompt_len, cfg.vocab_size))
     mask = jnp.ones(ids.shape, bool)
     original = Qwen.init_cache
-    meds, tokens = {}, {}
-    print(f"B={batch}: {args.new_tokens} new tokens after {args.prompt_len}, cache budgets {args.cache_budget}",
-          flush=True)
-    try:
+    wall, cpu, tokens = {b: [] for b in args.cache_budget}, {b: [] for b in args.cache_budget}, {}
+    print(f"B={batch}: {args.new_tokens} new tokens after {args.prompt_len}, cache budgets {args.cache_budget} "
+          f"(slots {[budget_slots(args.prompt_len, b) for b in args.cache_budget]}), reps interleaved", flush=True)
+
+    def run(budget):
+        slots = budget_slots(args.prompt_len, budget)
+        Qwen.init_cache = lambda self, b, max_len, *a, **kw: original(self, b, max(max_len, slots), *a, **kw)
+        try:
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=args.new_tokens, temperature=0.0)
+            tokens[budget] = np.asarray(jax.block_until_ready(res.tokens))
+            return time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            Qwen.init_cache = original
+
+    for budget in args.cache_budget:
+        print(f"  warm-up budget {budget}: {run(budget)[0]:.1f} s (compile included)", flush=True)
+    for _ in range(args.reps):
         for budget in args.cache_budget:
-            slots = budget_slots(args.prompt_len, budget)
-            Qwen.init_cache = lambda self, b, max_len, *a, _s=slots, **kw: original(self, b, max(max_len, _s), *a, **kw)
-
-            def run():
-                res = generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=args.new_tokens,
-                               temperature=0.0)
-                tokens[budget] = np.asarray(jax.block_until_ready(res.tokens))
-
-            first, times = timed(run, args.reps)
-            meds[budget] = report(f"budget {budget} ({slots} slots)", batch * args.new_tokens, first, times,
-                                  compile_note=True)
-    finally:
-        Qwen.init_cache = original
+            w, c = run(budget)
+            wall[budget].append(w)
+            cpu[budget].append(c)
     base = args.cache_budget[0]
-    for budget in args.cache_budget[1:]:
-        same = bool((tokens[budget] == tokens[base]).all())
-        print(f"  budget {budget} / budget {base}: time ratio {meds[budget] / meds[base]:.2f}x, "
-              f"identical tokens {same}", flush=True)
+    for budget in args.cache_budget:
+        w, c = statistics.median(wall[budget]), statistics.median(cpu[budget])
+        print(f"  budget {budget:5d}: wall median {w:7.2f} s ({batch * args.new_tokens / w:6.0f} tok/s, "
+              f"min {min(wall[budget]):.2f} max {max(wall[budget]):.2f}), process CPU median {c:7.2f} s; "
+              f"vs budget {base}: wall {w / statistics.median(wall[base]):.2f}x, CPU "
+              f"{c / statistics.median(cpu[base]):.2f}x, identical tokens {bool((tokens[budget] == tokens[base]).all())}",
+              flush=True)
 
 
 def bench_batch(model, hf, batch: int, args) -> None:
