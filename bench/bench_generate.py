@@ -191,6 +191,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--hbm-gbps", type=float, default=None, help="device memory bandwidth, for the ratio")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="with --preset: override the vocabulary (a small one makes attention dominate a step)")
     p.add_argument("--cache-budget", type=int, nargs="+", default=None,
                    help="instead of the torch comparison: time the generation with the KV cache sized "
                         "for each of these numbers of new tokens (P + budget - 1 slots)")
@@ -200,7 +202,8 @@ def main() -> None:
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     hf = None
     if args.preset:
-        cfg = ModelConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+        vocab = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+        cfg = ModelConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, **vocab)
         model = init_model(cfg)
     else:
         preset, seed = WORKLOAD_MODELS[args.model]
