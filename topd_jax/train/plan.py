@@ -8,7 +8,7 @@ and compiled for abstract inputs, and XLA's ``memory_analysis()`` gives its temp
 
 Rows (bytes per device): student params, optimizer state, teacher params; KV caches of the
 rollouts (P + N - 1 slots; sampled by the teacher in the warm-up) and of the TOPD detector's /
-guidance's K-token continuations (C x n rows per rollout, L + K slots); the update batch
+guidance's K-token continuations (each sequence's cache shared by its C x n rows, plus K private slots per row); the update batch
 (ids, masks, teacher hidden states); then the activations of the step's largest phase (the
 teacher's scoring forward, the student's ℓ_t pass, the guidance rows, the student's update on
 one micro-batch): one layer's attention intermediates as the planned backend's attention
