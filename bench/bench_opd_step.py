@@ -92,7 +92,7 @@ def run_ours(work: Path, reps: int, algorithm: str, extra: list[str]) -> dict:
     from topd_jax.algorithms.objective import add_normalizers
     from topd_jax.checkpoints import load_pretrained
     from topd_jax.sharding import MeshConfig, make_mesh
-    from topd_jax.train.config_loader import load_config
+    from topd_jax.config.loader import load_config
     from topd_jax.train.optim import lr_schedule, make_optimizer
     from topd_jax.train.state import create_train_state
     from topd_jax.train.step import TrainStep

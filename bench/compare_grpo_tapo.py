@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from topd_jax.train import rl_demo  # noqa: E402
-from topd_jax.train.config_loader import load_config  # noqa: E402
+from topd_jax.config.loader import load_config  # noqa: E402
 from topd_jax.train.loop import train  # noqa: E402
 from topd_jax.train.setup import plan_run  # noqa: E402
 

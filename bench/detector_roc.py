@@ -58,7 +58,7 @@ from topd_jax.losses import (auroc, margin_w1, masked_quantile, near_future_coun
 from topd_jax.models import load_pretrained  # noqa: E402
 from topd_jax.rollout import continue_from, generate  # noqa: E402
 from topd_jax.train import demo, labelled_demo  # noqa: E402
-from topd_jax.train.config_loader import load_config  # noqa: E402
+from topd_jax.config.loader import load_config  # noqa: E402
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SURFACE, FORK, RECOVERY = labelled.SURFACE, labelled.FORK, labelled.RECOVERY

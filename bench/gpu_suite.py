@@ -99,7 +99,7 @@ def decode_roofline(config, rows: int, prompt: int, new: int, bandwidth: float) 
 
 # ---------------------------------------------------------------- the run config
 def run_config(args, length: int, algorithm: str = "topd"):
-    from topd_jax.train.config_loader import load_config
+    from topd_jax.config.loader import load_config
     new = length - args.step_prompt
     if new < 1:
         raise SystemExit(f"--step-lengths {length} must exceed --step-prompt {args.step_prompt}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from topd_jax.train.config_loader import load_config
+from topd_jax.config.loader import load_config
 
 TINY = [
     "data.source=synthetic", "data.template=plain", "data.prompts_per_step=2", "data.max_prompt_len=20",
@@ -45,7 +45,7 @@ def cli_config_file(path, cfg, student_dir, teacher_dir, **top):
     given as directories (no architecture fields)."""
     import yaml
 
-    from topd_jax.train.config_loader import to_dict
+    from topd_jax.config.loader import to_dict
     d = to_dict(cfg)
     d["student"], d["teacher"] = {"path": str(student_dir)}, {"path": str(teacher_dir)}
     d.update(top)

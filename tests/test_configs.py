@@ -15,7 +15,7 @@ import pytest
 from topd_jax.models import ModelConfig
 from topd_jax.models.config import PRESETS
 from topd_jax.train.__main__ import main
-from topd_jax.train.config_loader import load_config
+from topd_jax.config.loader import load_config
 from topd_jax.train.plan import GIB, memory_plan, split_plan_args
 from topd_jax.train.setup import model_plan
 

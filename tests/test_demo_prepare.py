@@ -11,7 +11,7 @@ from flax import nnx
 from topd_jax.checkpoints import load_pretrained
 from topd_jax.models import init_model
 from topd_jax.train import demo
-from topd_jax.train.config_loader import load_config
+from topd_jax.config.loader import load_config
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 TINY = ["{r}.hidden_size=32", "{r}.num_layers=1", "{r}.num_heads=2", "{r}.num_kv_heads=1",

@@ -63,7 +63,7 @@ def test_demo_report_reads_the_train_result_and_the_cached_model_meta(tmp_path, 
     from pathlib import Path
 
     from topd_jax.train import demo
-    from topd_jax.train.config_loader import load_config
+    from topd_jax.config.loader import load_config
 
     @dataclass
     class StandInResult:  # the TrainResult fields demo_report reads

@@ -4,7 +4,7 @@ solver / embedding / window-end choices, and guidance with high-divergence suppr
 import pytest
 
 from tests._train_tiny import tiny_config
-from topd_jax.train.config import ConfigError
+from topd_jax.config.schema import ConfigError
 
 
 def test_teacher_null_needs_ot_and_a_second_teacher_sample(tmp_path):

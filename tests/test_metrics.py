@@ -212,7 +212,7 @@ def test_wandb_on_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_the_loop_passes_project_entity_name_and_the_config_to_wandb(tmp_path):
     from tests._train_tiny import tiny_config
-    from topd_jax.train.config_loader import to_dict
+    from topd_jax.config.loader import to_dict
     from topd_jax.train.loop import wandb_init
     assert wandb_init(tiny_config(tmp_path), tmp_path) is None  # off by default
     cfg = tiny_config(tmp_path, "logging.wandb=true", "logging.wandb_project=topd", "logging.wandb_name=run1")

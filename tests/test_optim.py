@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from topd_jax.train.config import OptimConfig
+from topd_jax.config.schema import OptimConfig
 from topd_jax.train.optim import (accumulate_gradients, decay_mask, lr_schedule, make_optimizer,
                                   select_if_finite, split_micro_batches)
 

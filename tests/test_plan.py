@@ -6,7 +6,7 @@ import pytest
 from topd_jax.models import ModelConfig, init_model
 from topd_jax.sharding import MeshConfig, make_mesh
 from topd_jax.train.__main__ import main
-from topd_jax.train.config import OptimConfig
+from topd_jax.config.schema import OptimConfig
 from topd_jax.train.optim import make_optimizer
 from topd_jax.train.plan import (AttentionPlan, PlanArgs, PlanArgsError, abstract_params, attention_bytes,
                                  kv_cache_bytes, opt_state_bytes, param_bytes, split_plan_args)

@@ -26,7 +26,7 @@ from topd_jax.data.prompts import collate
 from topd_jax.models import init_model
 from topd_jax.rollout.engine import assemble
 from topd_jax.sharding import MeshConfig, make_mesh
-from topd_jax.train.config_loader import parse_cli
+from topd_jax.config.loader import parse_cli
 from topd_jax.train.demo import model_config
 from topd_jax.train.optim import lr_schedule, make_optimizer
 from topd_jax.train.setup import plan_run
@@ -235,7 +235,7 @@ def test_two_updates_per_batch_equal_two_steps_on_the_halves(setup, monkeypatch)
 
 
 def test_rl_config_errors_name_the_key():
-    from topd_jax.train.config import ConfigError
+    from topd_jax.config.schema import ConfigError
     with pytest.raises(ConfigError, match="tapo.n_pos"):
         _cfg("tapo", "tapo.n_pos=4", "tapo.n_neg=4")
     with pytest.raises(ConfigError, match="grpo.updates_per_batch"):
@@ -276,7 +276,7 @@ def test_train_runs_grpo_and_tapo_end_to_end(algorithm, tmp_path):
 def test_paper_rl_configs_load_and_divide_their_rows(name):
     from pathlib import Path
 
-    from topd_jax.train.config_loader import load_config
+    from topd_jax.config.loader import load_config
     cfg = load_config(str(Path(__file__).parent.parent / "configs" / f"{name}.yaml"), [])
     assert cfg.student.preset == "qwen3-8b" and not cfg.needs_teacher
     if cfg.is_rl:

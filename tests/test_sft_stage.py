@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from topd_jax.data.tokenizer import build_qwen_tokenizer
-from topd_jax.train.config_loader import load_config
+from topd_jax.config.loader import load_config
 from topd_jax.train.loop import train
 from topd_jax.train.setup import RunSetupError, plan_run
 

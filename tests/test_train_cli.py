@@ -86,7 +86,7 @@ def test_valid_prompt_file_passes_validation(tmp_path, tokenizer_dir):
 
 
 def test_help_lists_every_flag_and_config_option_and_exits_zero(capsys):
-    from topd_jax.train.config_loader import leaf_keys
+    from topd_jax.config.loader import leaf_keys
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("usage: python -m topd_jax.train")

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from topd_jax.train.config import ConfigError, ModelSpec, RunConfig
-from topd_jax.train.config_loader import (format_help, from_dict, leaf_keys, load_config,
+from topd_jax.config.schema import ConfigError, ModelSpec, RunConfig
+from topd_jax.config.loader import (format_help, from_dict, leaf_keys, load_config,
                                           parse_cli, to_dict)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,9 +206,18 @@ def test_model_spec_fields_are_model_config_fields():
 
 
 def test_config_loader_command_prints_yaml_and_bad_keys_exit_2(capsys):
-    from topd_jax.train.config_loader import main
+    from topd_jax.config.loader import main
     assert main(["--config", str(ROOT / "configs/demo.yaml"), "steps=7", "topd.window=16"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
     assert data["steps"] == 7 and data["topd"]["window"] == 16
     assert main(["--config", str(ROOT / "configs/demo.yaml"), "topd.windw=16"]) == 2
     assert capsys.readouterr().err == "error: config key 'topd.windw': unknown key; did you mean 'topd.window'?\n"
+
+
+def test_python_m_topd_jax_config_prints_the_resolved_config():
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "topd_jax.config", "--config", str(ROOT / "configs/demo.yaml"),
+                          "steps=3"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert yaml.safe_load(run.stdout)["steps"] == 3

@@ -11,7 +11,7 @@ from topd_jax.algorithms import LossSpec, make_loss_fn
 from topd_jax.algorithms.objective import add_normalizers
 from topd_jax.models import ModelConfig, init_model
 from topd_jax.sharding import MeshConfig, make_mesh
-from topd_jax.train.config import OptimConfig
+from topd_jax.config.schema import OptimConfig
 from topd_jax.train.optim import lr_schedule, make_optimizer
 from topd_jax.train.state import create_train_state
 from topd_jax.train.step import TrainStep

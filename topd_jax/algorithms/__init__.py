@@ -19,7 +19,7 @@ from topd_jax.algorithms.objective import LossSpec, add_normalizers, make_loss_f
 from topd_jax.algorithms.rl_objective import RlSpec, add_rl_normalizers, make_rl_loss_fn
 from topd_jax.algorithms.opd import Frozen
 from topd_jax.algorithms.prepared import PrecomputedGrad, PreparedBatch
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 
 def prepare_batch(cfg: RunConfig, student, prompts: dict, key, frozen: Frozen, timings: dict):

@@ -23,7 +23,7 @@ from topd_jax.algorithms.scoring import score_tokens
 from topd_jax.losses import group_advantages
 from topd_jax.rollout import GenerationResult
 from topd_jax.sharding.hosts import fetch
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 
 def completions(gen: GenerationResult) -> list[list[int]]:

@@ -40,7 +40,7 @@ from jax import lax
 
 from topd_jax.algorithms.scoring import hidden_states, token_divergences, token_logprobs
 from topd_jax.losses import opd_loss, topd_loss, trajectory_weights
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 
 @dataclass(frozen=True)

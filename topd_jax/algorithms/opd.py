@@ -16,7 +16,7 @@ import numpy as np
 from topd_jax.algorithms.scoring import forward_hidden, score_tokens
 from topd_jax.rollout import GenerationResult, generate
 from topd_jax.sharding.hosts import fetch
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 Pair = tuple[Any, Any]
 

@@ -30,7 +30,7 @@ from flax import nnx
 from topd_jax.algorithms.objective import metric_pair
 from topd_jax.algorithms.scoring import hidden_states, token_logprobs
 from topd_jax.losses import aggregate, clipped_surrogate, kl_to_reference
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 
 @dataclass(frozen=True)

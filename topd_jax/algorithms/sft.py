@@ -18,7 +18,7 @@ import numpy as np
 
 from topd_jax.algorithms.opd import Frozen, Pair, timed
 from topd_jax.sharding.hosts import fetch
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 
 @dataclass(frozen=True)

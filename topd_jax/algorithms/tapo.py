@@ -46,7 +46,7 @@ from topd_jax.data import synthetic
 from topd_jax.losses import ots_weights
 from topd_jax.rollout import GenerationResult, generate
 from topd_jax.sharding.hosts import fetch
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 
 @dataclass

@@ -47,7 +47,7 @@ from topd_jax.losses import (
 from topd_jax.rollout import GenerationResult, continue_from
 from topd_jax.rollout.engine import left_align
 from topd_jax.sharding.hosts import fetch
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 
 # ---- ℓ_t and candidates ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from topd_jax.algorithms import opd
 from topd_jax.algorithms.opd import Frozen, Pair, timed
 from topd_jax.algorithms.scoring import forward_hidden
 from topd_jax.rollout import GenerationResult
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 
 def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,

@@ -1,11 +1,11 @@
 """Training: ``python -m topd_jax.train`` and its pieces.
 
-    from topd_jax.train.config_loader import load_config
+    from topd_jax.config.loader import load_config
     from topd_jax.train.loop import train
     result = train(load_config("configs/demo.yaml", ["algorithm=topd"]))
     result.history[-1]["loss"], result.evals, result.output_dir
 
-Modules: ``config`` / ``config_loader`` (typed run config), ``setup`` (validation before
+Modules (the run config is ``topd_jax.config``): ``setup`` (validation before
 any write), ``state`` (TrainState + shardings), ``step`` (jitted update), ``loop``
 (``train``), ``evaluate`` (eval hook), ``optim``, ``metrics``; ``demo`` / ``sft`` (the
 embedded demo's model preparation). Nothing heavy is imported here.

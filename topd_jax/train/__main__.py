@@ -27,7 +27,7 @@ from topd_jax.configs import DEMO_CONFIG  # package data: present in installed w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from topd_jax.train.config_loader import format_options
+    from topd_jax.config.loader import format_options
     from topd_jax.train.plan import BACKENDS
     p = argparse.ArgumentParser(
         prog="python -m topd_jax.train", allow_abbrev=False,
@@ -70,7 +70,7 @@ def _plan_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     from topd_jax.sharding.distributed import DistributedConfigError
-    from topd_jax.train.config import ConfigError
+    from topd_jax.config.schema import ConfigError
     from topd_jax.train.loop import NonFiniteLossError
     from topd_jax.train.setup import RunSetupError
     return run_command(_main, argv, usage=(ConfigError, RunSetupError, DistributedConfigError),
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from topd_jax.train.config_loader import load_config
+    from topd_jax.config.loader import load_config
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     setup_logging(args.log_level)

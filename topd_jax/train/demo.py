@@ -38,7 +38,7 @@ from topd_jax.data import synthetic
 from topd_jax.data.tasks import SYNTHETIC, task_for
 from topd_jax.eval.generation import generate_in_batches, pad_batch
 from topd_jax.models import ModelConfig, Qwen, init_model
-from topd_jax.train.config import ModelSpec, OptimConfig, RunConfig
+from topd_jax.config.schema import ModelSpec, OptimConfig, RunConfig
 from topd_jax.train.sft import train_sft
 
 META_FILE = "demo_meta.json"

@@ -17,7 +17,7 @@ from topd_jax.data.prompts import PromptExample
 from topd_jax.data.tasks import task_for
 from topd_jax.eval.generation import generate_in_batches
 from topd_jax.rewards.reflection import ReflectionStats, reflection_stats
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 from topd_jax.train.setup import TextIO
 
 

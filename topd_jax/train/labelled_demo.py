@@ -34,7 +34,7 @@ from topd_jax.data.synthetic import Problem
 from topd_jax.models import Qwen, init_model
 from topd_jax.rollout import generate
 from topd_jax.train import demo
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 from topd_jax.train.sft import train_sft
 
 RECIPE_VERSION = 1

@@ -42,8 +42,8 @@ from topd_jax.algorithms import Frozen, build_objective, prepare_batch, topd
 from topd_jax.checkpoints.train_state import PreemptionFlag, TrainCheckpointer, abstract_state
 from topd_jax.data.prompts import PromptLoader
 from topd_jax.sharding.hosts import any_process, fetch, is_main_process, place_rows
-from topd_jax.train.config import RunConfig
-from topd_jax.train.config_loader import to_dict
+from topd_jax.config.schema import RunConfig
+from topd_jax.config.loader import to_dict
 from topd_jax.train.evaluate import evaluate_detailed
 from topd_jax.train.metrics import MetricsSink, PairAccumulator, reduce_pairs
 from topd_jax.train.optim import lr_schedule, make_optimizer

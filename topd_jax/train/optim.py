@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from topd_jax.train.config import OptimConfig
+from topd_jax.config.schema import OptimConfig
 
 PyTree = Any
 # loss_fn(params, micro_batch) -> ({term: (sum, count)}, {metric: (sum, count)})

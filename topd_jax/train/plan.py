@@ -41,7 +41,7 @@ from topd_jax.models.cache import CACHE_KV_AXES, slots_for
 from topd_jax.models.qwen import Qwen
 from topd_jax.sharding import MeshConfig as ShardingMesh
 from topd_jax.sharding import MESH_AXES, logical_to_spec
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 
 GIB = 1024 ** 3
 BACKENDS = ("cpu", "gpu", "tpu")

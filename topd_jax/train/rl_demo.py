@@ -51,7 +51,7 @@ from topd_jax.data.tasks import SYNTHETIC, task_for
 from topd_jax.models import Qwen, init_model
 from topd_jax.rewards import reflection
 from topd_jax.train import demo
-from topd_jax.train.config import RunConfig
+from topd_jax.config.schema import RunConfig
 from topd_jax.train.setup import RunSetupError
 from topd_jax.train.sft import train_sft
 

@@ -21,7 +21,7 @@ from topd_jax.losses import common_vocab_size
 from topd_jax.models import ModelConfig
 from topd_jax.sharding import MeshConfig as ShardingMesh
 from topd_jax.sharding import make_mesh
-from topd_jax.train.config import ModelSpec, RunConfig
+from topd_jax.config.schema import ModelSpec, RunConfig
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from topd_jax.models import Qwen
-from topd_jax.train.config import OptimConfig
+from topd_jax.config.schema import OptimConfig
 from topd_jax.train.optim import make_optimizer
 
 Batch = Mapping[str, jax.Array]

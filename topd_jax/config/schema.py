@@ -3,7 +3,7 @@
 Every option of ``../shared/design/TOPD.md`` is a field here with the default named there.
 Each field carries its help text (``metadata["help"]``) and, where it has one, a range
 check (``metadata["check"]``); checks run in ``__post_init__``, so a config built in Python
-is validated just like one loaded from YAML (``topd_jax.train.config_loader``). Errors are
+is validated just like one loaded from YAML (``topd_jax.config.loader``). Errors are
 ``ConfigError`` naming the dotted key and the bad value.
 """
 

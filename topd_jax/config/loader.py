@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from topd_jax.train.config import ConfigError, RunConfig
+from topd_jax.config.schema import ConfigError, RunConfig
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 _NONE = {"none", "null", "~", ""}
@@ -245,7 +245,7 @@ def parse_cli(argv: Sequence[str], default_config: str | Path | None = None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m topd_jax.train.config_loader``: print the resolved config as YAML; a bad
+    """``python -m topd_jax.config``: print the resolved config as YAML; a bad
     key, value or file is one ``error:`` line and exit 2 (``topd_jax.cli_common``)."""
     from topd_jax.cli_common import run_command
 
