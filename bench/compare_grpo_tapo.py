@@ -5,7 +5,7 @@
     python bench/compare_grpo_tapo.py steps=60 eval.every=20  # any config override
 
 Every run starts from the same cached cold-start student of configs/tapo_demo.yaml
-(``topd_jax.train.rl_demo.prepare_cold_start``); only ``algorithm`` and ``seed`` change (the
+(``topd_jax.demos.rl_demo.prepare_cold_start``); only ``algorithm`` and ``seed`` change (the
 seed drives rollout sampling, construction sampling and prompt order). Prints two markdown
 tables: greedy accuracy on the held-out problems before -> after (per seed, mean ± sd) with
 the final direct-solution / effective-reflection rates (``rl_demo.reflection_stats``; greedy
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from topd_jax.train import rl_demo  # noqa: E402
+from topd_jax.demos import rl_demo  # noqa: E402
 from topd_jax.config.loader import load_config  # noqa: E402
 from topd_jax.train.loop import train  # noqa: E402
 from topd_jax.train.setup import plan_run  # noqa: E402

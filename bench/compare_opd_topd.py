@@ -5,7 +5,7 @@
     python bench/compare_opd_topd.py steps=150 eval.every=50   # any config override
 
 Every run starts from the same prepared (cached) teacher and student of configs/demo.yaml
-(``topd_jax.train.demo.prepare_demo_models``); only ``algorithm``/suppression and ``seed``
+(``topd_jax.demos.demo.prepare_demo_models``); only ``algorithm``/suppression and ``seed``
 change. The seed drives rollout sampling and prompt order (the models are fixed). Prints a
 markdown table: student accuracy before -> after (greedy, held-out), per seed and mean ± sd;
 the suppressed share of candidates (= topd.false_alarm_quantile by definition, not a
@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from topd_jax.train import demo  # noqa: E402
+from topd_jax.demos import demo  # noqa: E402
 from topd_jax.config.loader import load_config  # noqa: E402
-from topd_jax.train.demo_report import summarize  # noqa: E402
+from topd_jax.demos.demo_report import summarize  # noqa: E402
 from topd_jax.train.loop import train  # noqa: E402
 from topd_jax.train.setup import plan_run  # noqa: E402
 

@@ -32,7 +32,7 @@ What it measures on the demo models: the demo task (``topd_jax.data.synthetic``)
 connectives and operand order as its surface forms, and neither model has ever seen a
 repair, so RECOVERY positions are only "the token after an unrepaired slip". ``--task
 labelled`` uses the labelled task of ``topd_jax.data.labelled`` (multi-token connectives, a
-teacher that repairs planted slips) and its models (``train.labelled_demo``: trained and
+teacher that repairs planted slips) and its models (``demos.labelled_demo``: trained and
 cached on first use, their gates in ``demo_meta.json``), or ``--student``/``--teacher``.
 """
 
@@ -57,7 +57,7 @@ from topd_jax.losses import (auroc, margin_w1, masked_quantile, near_future_coun
                              token_divergence)
 from topd_jax.models import load_pretrained  # noqa: E402
 from topd_jax.rollout import continue_from, generate  # noqa: E402
-from topd_jax.train import demo, labelled_demo  # noqa: E402
+from topd_jax.demos import demo, labelled_demo  # noqa: E402
 from topd_jax.config.loader import load_config  # noqa: E402
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

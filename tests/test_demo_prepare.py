@@ -10,7 +10,7 @@ from flax import nnx
 
 from topd_jax.checkpoints import load_pretrained
 from topd_jax.models import init_model
-from topd_jax.train import demo
+from topd_jax.demos import demo
 from topd_jax.config.loader import load_config
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

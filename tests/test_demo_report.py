@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from topd_jax.train import demo_report as dr
+from topd_jax.demos import demo_report as dr
 
 
 def hand_made_history():
@@ -62,7 +62,7 @@ def test_demo_report_reads_the_train_result_and_the_cached_model_meta(tmp_path, 
     from dataclasses import dataclass, field
     from pathlib import Path
 
-    from topd_jax.train import demo
+    from topd_jax.demos import demo
     from topd_jax.config.loader import load_config
 
     @dataclass

@@ -8,9 +8,9 @@ from flax import nnx
 
 from topd_jax.data import synthetic
 from topd_jax.models import ModelConfig, init_model
-from topd_jax.train import demo
+from topd_jax.demos import demo
 from topd_jax.config.schema import OptimConfig
-from topd_jax.train.sft import cross_entropy_sums, train_sft
+from topd_jax.demos.sft import cross_entropy_sums, train_sft
 
 TINY = ModelConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                    head_dim=16, intermediate_size=64, max_position_embeddings=64)

@@ -4,7 +4,7 @@ import numpy as np
 
 from topd_jax.data import labelled
 from topd_jax.data.synthetic import generate_problems
-from topd_jax.train import labelled_demo as LD
+from topd_jax.demos import labelled_demo as LD
 
 TOK = labelled.LabelledTokenizer()
 WAIT, FIX = TOK.encode("wait fix", add_bos=False)

@@ -27,7 +27,7 @@ from topd_jax.models import init_model
 from topd_jax.rollout.engine import assemble
 from topd_jax.sharding import MeshConfig, make_mesh
 from topd_jax.config.loader import parse_cli
-from topd_jax.train.demo import model_config
+from topd_jax.demos.demo import model_config
 from topd_jax.train.optim import lr_schedule, make_optimizer
 from topd_jax.train.setup import plan_run
 from topd_jax.train.state import create_train_state

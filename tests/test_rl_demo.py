@@ -10,9 +10,9 @@ import pytest
 
 from topd_jax.algorithms.tapo_construct import Failure, parse_construction, splice_text
 from topd_jax.data import synthetic
-from topd_jax.train import demo, rl_demo
+from topd_jax.demos import demo, rl_demo
 from topd_jax.config.loader import load_config
-from topd_jax.train.rl_demo import TOKENIZER
+from topd_jax.demos.rl_demo import TOKENIZER
 
 TAPO_DEMO = "configs/tapo_demo.yaml"
 SYNTH_RE = re.compile(r"fix (.*? \? [a-h]) ; (.*? answer \d+) ; (.*)")

@@ -417,7 +417,7 @@ class DemoConfig(_Checked):
 
 @dataclass(frozen=True)
 class ColdStartConfig(_Checked):
-    """TAPO's cold start on the synthetic task (topd_jax.train.rl_demo, algorithm grpo|tapo):
+    """TAPO's cold start on the synthetic task (topd_jax.demos.rl_demo, algorithm grpo|tapo):
     supervised CE of the student on solutions (a slip with probability demo.student_noise)
     mixed with construction-task examples; demo.batch_size, demo.lr and demo.cache_dir apply."""
     steps: int = opt(1500, "supervised steps of the cold start", _nonneg)

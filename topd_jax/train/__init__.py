@@ -7,6 +7,6 @@
 
 Modules (the run config is ``topd_jax.config``): ``setup`` (validation before
 any write), ``state`` (TrainState + shardings), ``step`` (jitted update), ``loop``
-(``train``), ``evaluate`` (eval hook), ``optim``, ``metrics``; ``demo`` / ``sft`` (the
-embedded demo's model preparation). Nothing heavy is imported here.
+(``train``), ``evaluate`` (eval hook), ``optim``, ``metrics``, ``plan`` (memory plan). The embedded
+demos' model preparation and reports are ``topd_jax.demos``. Nothing heavy is imported here.
 """

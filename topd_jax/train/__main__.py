@@ -8,7 +8,7 @@ With no arguments: the embedded demo (``configs/demo.yaml``): the tiny teacher a
 of the synthetic task are prepared (trained once, then cached), TOPD runs (the demo default;
 ``algorithm=opd`` for plain OPD), and the demo report is written. ``--config
 configs/tapo_demo.yaml``: TAPO (or ``algorithm=grpo``) on the same task from a cached
-cold-start student (``topd_jax.train.rl_demo``). With ``data.source=files``: a real run on
+cold-start student (``topd_jax.demos.rl_demo``). With ``data.source=files``: a real run on
 local model directories.
 
 Exit status (``topd_jax.cli_common``): 0 on success or after a SIGTERM-triggered save, 2 for
@@ -106,10 +106,10 @@ def _main(argv: list[str]) -> int:
         if embedded:
             plan_run(cfg)  # validate everything before the (minutes-long) demo model preparation
             if cfg.is_rl:  # GRPO/TAPO demo: the cold-start student, no teacher
-                from topd_jax.train.rl_demo import prepare_cold_start
+                from topd_jax.demos.rl_demo import prepare_cold_start
                 student_path = prepare_cold_start(cfg)
             else:
-                from topd_jax.train.demo import prepare_demo_models
+                from topd_jax.demos.demo import prepare_demo_models
                 student_path, teacher_path = prepare_demo_models(cfg)
         plan = plan_run(cfg, student_path, teacher_path)
     except FileNotFoundError as e:
@@ -121,10 +121,10 @@ def _main(argv: list[str]) -> int:
     if not is_main_process():  # reports, plots and the summary come from process 0 alone
         return 0
     if embedded and cfg.is_rl:
-        from topd_jax.train.rl_demo import rl_report
+        from topd_jax.demos.rl_demo import rl_report
         rl_report(cfg, result, student_dir=student_path)
     elif embedded:
-        from topd_jax.train import demo
+        from topd_jax.demos import demo
         demo.demo_report(cfg, result, student_dir=student_path, teacher_dir=teacher_path)
     print(summary_line(result), flush=True)
     return 0

@@ -33,9 +33,9 @@ from topd_jax.data import labelled
 from topd_jax.data.synthetic import Problem
 from topd_jax.models import Qwen, init_model
 from topd_jax.rollout import generate
-from topd_jax.train import demo
+from topd_jax.demos import demo
 from topd_jax.config.schema import RunConfig
-from topd_jax.train.sft import train_sft
+from topd_jax.demos.sft import train_sft
 
 RECIPE_VERSION = 1
 VOCAB_SIZE = 144

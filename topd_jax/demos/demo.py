@@ -39,7 +39,7 @@ from topd_jax.data.tasks import SYNTHETIC, task_for
 from topd_jax.eval.generation import generate_in_batches, pad_batch
 from topd_jax.models import ModelConfig, Qwen, init_model
 from topd_jax.config.schema import ModelSpec, OptimConfig, RunConfig
-from topd_jax.train.sft import train_sft
+from topd_jax.demos.sft import train_sft
 
 META_FILE = "demo_meta.json"
 # Bump when the preparation recipe changes in a way the hashed fields do not show.
@@ -241,7 +241,7 @@ def demo_report(cfg: RunConfig, result, *, student_dir: str | os.PathLike | None
     ``final_step``). Teacher accuracy and the student's accuracy when prepared come from the
     models' ``demo_meta.json`` (default directories: this config's cache entries).
     """
-    from topd_jax.train import demo_report as dr
+    from topd_jax.demos import demo_report as dr
 
     teacher_dir = Path(teacher_dir) if teacher_dir else cache_dir_for(cfg, "teacher")
     student_dir = Path(student_dir) if student_dir else cache_dir_for(cfg, "student")

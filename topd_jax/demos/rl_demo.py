@@ -6,7 +6,7 @@
 
 **Cold start** (TAPO.md "Cold start", "On a synthetic task"): the student (``cfg.student``
 sizes, vocabulary ``SyntheticTokenizer(construction_words=True)``) is trained by supervised
-cross-entropy (``train.sft.train_sft``) on a mix of
+cross-entropy (``demos.sft.train_sft``) on a mix of
 - solution examples: problem -> a solution in ``STUDENT_STYLE`` with a slip with probability
   ``demo.student_noise`` (a mediocre solver: RL needs groups with right *and* wrong rollouts);
 - construction examples (``cold_start.construction_fraction`` of every batch, paper 15k of
@@ -16,7 +16,7 @@ Every batch has one shape: prompts left-padded to ``synthesis_prompt_len``, targ
 right-padded to ``construction_len`` (positions count real tokens only, so the padding does
 not move a solution example's positions).
 
-Cached like ``train.demo``'s models: ``<demo.cache_dir>/cold_start-<sha256[:12]>`` over the
+Cached like ``demos.demo``'s models: ``<demo.cache_dir>/cold_start-<sha256[:12]>`` over the
 fields that change the model (``cache_key``), written to a temporary sibling and renamed,
 with ``demo_meta.json``: greedy accuracy on the held-out problems and the construction
 parse / keep / correct rates on held-out problems (greedy).
@@ -50,10 +50,10 @@ from topd_jax.data import synthetic
 from topd_jax.data.tasks import SYNTHETIC, task_for
 from topd_jax.models import Qwen, init_model
 from topd_jax.rewards import reflection
-from topd_jax.train import demo
+from topd_jax.demos import demo
 from topd_jax.config.schema import RunConfig
 from topd_jax.train.setup import RunSetupError
-from topd_jax.train.sft import train_sft
+from topd_jax.demos.sft import train_sft
 
 ROLE = "cold_start"
 REPORT_JSON = "rl_report.json"
