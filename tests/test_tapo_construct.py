@@ -18,9 +18,9 @@ from topd_jax.algorithms.tapo_construct import (
     select_pairs,
     splice,
     splice_text,
-    synthesis_prompt,
 )
 from topd_jax.data import synthetic as S
+from topd_jax.data.templates import math_synthesis_prompt as synthesis_prompt
 
 SETTINGS = settings(max_examples=200, deadline=None)
 TOK = S.SyntheticTokenizer(construction_words=True)

@@ -32,3 +32,19 @@ def test_markers_are_the_tasks_reflection_words():
     texts = ["x wait y", "x hold on y"]
     assert reflection_stats(texts, [True, True], SYNTHETIC.reflection_markers).reflective == 1
     assert reflection_stats(texts, [True, True], MATH.reflection_markers).reflective == 2
+
+
+def test_synthesis_prompt_is_the_tasks_own_wording():
+    """TAPO asks the task for its construction request: LaTeX-boxed math wording for files,
+    the synthetic task's own vocabulary (every word known to its tokenizer) otherwise."""
+    from topd_jax.data import synthetic
+
+    math = MATH.synthesis_prompt("What is $1+1$?", "1+1=3, so \\boxed{3}", "1+1=2, so \\boxed{2}")
+    assert "What is $1+1$?" in math and "\\boxed{3}" in math and "<reconstruction>" in math
+    import numpy as np
+
+    problem = synthetic.generate_problems(1, seed=0)[0]
+    rng = np.random.default_rng(0)
+    wrong, right = synthetic.reference_solution(problem, rng), synthetic.reference_solution(problem, rng)
+    text = SYNTHETIC.synthesis_prompt(problem, wrong, right)
+    assert text == synthetic.synthetic_synthesis_prompt(problem, wrong, right) and "\\boxed" not in text

@@ -41,12 +41,11 @@ from topd_jax.algorithms import grpo, opd
 from topd_jax.algorithms.opd import Frozen, Pair, timed
 from topd_jax.algorithms.scoring import score_tokens, score_tokens_entropy
 from topd_jax.algorithms.tapo_construct import Failure, parse_construction, select_pairs, splice, splice_text
-from topd_jax.algorithms.tapo_construct import synthesis_prompt as math_synthesis_prompt
-from topd_jax.data import synthetic
 from topd_jax.losses import ots_weights
 from topd_jax.rollout import GenerationResult, generate
 from topd_jax.sharding.hosts import fetch
 from topd_jax.config.schema import RunConfig
+from topd_jax.data.tasks import task_for
 
 
 @dataclass
@@ -66,9 +65,7 @@ def construction_limits(cfg: RunConfig) -> tuple[int, int]:
 
 
 def synthesis_text(cfg: RunConfig, problem: str, wrong: str, right: str) -> str:
-    if cfg.data.source == "synthetic":
-        return synthetic.synthetic_synthesis_prompt(problem, wrong, right)
-    return math_synthesis_prompt(problem, wrong, right)
+    return task_for(cfg.data.source).synthesis_prompt(problem, wrong, right)
 
 
 def _strip_stop(ids: list[int], eos_ids) -> list[int]:

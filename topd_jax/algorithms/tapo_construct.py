@@ -1,7 +1,7 @@
 """TAPO construction pieces (TAPO.md steps 3-4), plain Python/NumPy, no JAX:
 
     sel    = select_pairs(correct [P, G], rng)            # DCS gate + m_max -> Selection
-    prompt = synthesis_prompt(problem, wrong, right)      # what the policy is asked
+    prompt = task.synthesis_prompt(problem, wrong, right)  # what the policy is asked (data.tasks)
     parsed = parse_construction(generated_text)           # Parsed | Failure(reason)
     sp     = splice(wrong_ids, recon_ids, min_prefix=k)   # Spliced | Failure(reason)
 
@@ -120,45 +120,6 @@ def select_pairs(
         partners = rng.choice(right, size=len(chosen), replace=True)
         pairs.extend(Pair(int(p), int(w), int(r)) for w, r in zip(chosen, partners))
     return Selection(tuple(pairs), gate)
-
-
-# ---------------------------------------------------------------------------
-# Synthesis prompt (our own wording)
-# ---------------------------------------------------------------------------
-
-_SYNTHESIS_TEMPLATE = """\
-Below are a math problem and two attempts at it. Attempt A reaches a wrong answer; \
-attempt B reaches the correct one.
-
-### Problem
-{problem}
-
-### Attempt A (incorrect)
-{wrong}
-
-### Attempt B (correct)
-{right}
-
-### Your task
-Find the first step where attempt A goes wrong, then write a repaired version of \
-attempt A. Answer in exactly this format and write nothing after it:
-
-<analysis>
-Name the first critical error in attempt A: quote the step and say what is wrong with it.
-</analysis>
-<reconstruction>
-Copy attempt A word for word from its beginning up to and including the step that \
-contains the error. Then write a short phrase that notices the mistake (for example \
-"Wait, that step is wrong."), and continue with correct reasoning, using attempt B as \
-a guide, until you reach the final answer, written as \\boxed{{answer}}.
-</reconstruction>"""
-
-
-def synthesis_prompt(problem: str, wrong: str, right: str) -> str:
-    """The construction request given to the policy (TAPO step 4); our wording, not the
-    paper's. The reply format is the one ``parse_construction`` accepts."""
-    return _SYNTHESIS_TEMPLATE.format(problem=problem.strip(), wrong=wrong.strip(),
-                                      right=right.strip())
 
 
 # ---------------------------------------------------------------------------

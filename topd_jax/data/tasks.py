@@ -4,6 +4,7 @@
     task.grade(completion, answer)          # the verifier: bool
     task.reflection_markers                 # regexes that count as reflection (rewards.reflection)
     task.embedded                           # prompts and tokenizer built in, not read from files
+    task.synthesis_prompt(problem, wrong, right)   # TAPO's construction request for this task
 
 ``MATH``: prompts from JSONL/parquet files (``data.prompts``), a Hugging Face tokenizer,
 graded by ``rewards.math.grade`` (the last ``\\boxed{}`` equals the gold answer, math-verify).
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from topd_jax.data import synthetic
+from topd_jax.data.templates import math_synthesis_prompt
 from topd_jax.rewards.reflection import MATH_MARKERS, SYNTHETIC_MARKERS
 
 
@@ -27,12 +29,15 @@ from topd_jax.rewards.reflection import MATH_MARKERS, SYNTHETIC_MARKERS
 class Task:
     """name: ``"math"`` or ``"synthetic"``. grade: ``(completion text, gold answer) -> bool``.
     reflection_markers: regexes for ``rewards.reflection.reflection_stats``. embedded: True
-    when the prompts, tokenizer and demo models come with the library (the synthetic task)."""
+    when the prompts, tokenizer and demo models come with the library (the synthetic task).
+    synthesis_prompt: ``(problem, wrong text, right text) -> prompt`` asking the policy for a
+    TAPO construction in this task's words."""
 
     name: str
     grade: Callable[[str, Any], bool]
     reflection_markers: tuple[str, ...]
     embedded: bool
+    synthesis_prompt: Callable[[str, str, str], str]
 
 
 def _grade_math(completion: str, answer: Any) -> bool:
@@ -41,8 +46,9 @@ def _grade_math(completion: str, answer: Any) -> bool:
     return grade(completion, answer)
 
 
-MATH = Task("math", _grade_math, MATH_MARKERS, embedded=False)
-SYNTHETIC = Task("synthetic", synthetic.check, SYNTHETIC_MARKERS, embedded=True)
+MATH = Task("math", _grade_math, MATH_MARKERS, embedded=False, synthesis_prompt=math_synthesis_prompt)
+SYNTHETIC = Task("synthetic", synthetic.check, SYNTHETIC_MARKERS, embedded=True,
+                 synthesis_prompt=synthetic.synthetic_synthesis_prompt)
 _BY_SOURCE = {"files": MATH, "synthetic": SYNTHETIC}
 
 

@@ -140,3 +140,42 @@ def stop_token_ids(tokenizer, template: PromptTemplate) -> list[int]:
     if not ids:
         raise ValueError(f"the tokenizer knows none of the stop tokens {template.stop_tokens}")
     return ids
+
+
+# ---------------------------------------------------------------------------
+# TAPO's synthesis prompt for math problems (our own wording)
+# ---------------------------------------------------------------------------
+
+_SYNTHESIS_TEMPLATE = """\
+Below are a math problem and two attempts at it. Attempt A reaches a wrong answer; \
+attempt B reaches the correct one.
+
+### Problem
+{problem}
+
+### Attempt A (incorrect)
+{wrong}
+
+### Attempt B (correct)
+{right}
+
+### Your task
+Find the first step where attempt A goes wrong, then write a repaired version of \
+attempt A. Answer in exactly this format and write nothing after it:
+
+<analysis>
+Name the first critical error in attempt A: quote the step and say what is wrong with it.
+</analysis>
+<reconstruction>
+Copy attempt A word for word from its beginning up to and including the step that \
+contains the error. Then write a short phrase that notices the mistake (for example \
+"Wait, that step is wrong."), and continue with correct reasoning, using attempt B as \
+a guide, until you reach the final answer, written as \\boxed{{answer}}.
+</reconstruction>"""
+
+
+def math_synthesis_prompt(problem: str, wrong: str, right: str) -> str:
+    """The construction request given to the policy (TAPO step 4); our wording, not the
+    paper's. The reply format is the one ``algorithms.tapo_construct.parse_construction`` accepts."""
+    return _SYNTHESIS_TEMPLATE.format(problem=problem.strip(), wrong=wrong.strip(),
+                                      right=right.strip())
