@@ -170,7 +170,7 @@ def test_margin_w1_gradient_matches_finite_differences():
 
     a = jnp.array([0.1, 0.7, -0.4, 1.3])
     b = jnp.array([0.0, 0.5, 0.9])
-    check_grads(lambda x: margin_w1(x, b), (a,), order=1, modes=("rev",), eps=1e-3, atol=1e-2, rtol=1e-2)
+    check_grads(lambda x: margin_w1(x, b), (a,), order=1, modes=("rev",), eps=1e-3, atol=2e-3, rtol=2e-3)
 
 
 # ---- exact solver and debiased Sinkhorn divergence (TOPD_REVIEW D3) ----
