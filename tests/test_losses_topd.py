@@ -185,10 +185,17 @@ def test_trajectory_nll_uses_the_teacher_tokens_and_needs_them():
 
 
 def test_trajectory_gradient_flows_to_the_student_only_and_matches_finite_differences():
+    """Central differences in float64 (x64: float64 inputs compute in float64) at 1e-7."""
     s, t, wmask, _ = guidance(8, rows=2, seq=4)
     f = lambda s, t: trajectory_guidance_loss(s, t, wmask)[0]
-    check_grads(lambda x: f(x, t), (jnp.asarray(s),), order=1, modes=("rev",), eps=1e-3, atol=2e-3, rtol=2e-3)
     assert not np.any(np.asarray(jax.grad(f, argnums=1)(s, t)))
+    for kind in ("forward_kl", "nll"):
+        with jax.enable_x64(True):
+            s64, t64 = jnp.asarray(s, jnp.float64), jnp.asarray(t, jnp.float64)
+            targets = jnp.argmax(t64, axis=-1)
+            g = jax.jit(lambda x: trajectory_guidance_loss(x, t64, wmask, kind=kind, targets=targets)[0])
+            assert g(s64).dtype == jnp.float64
+            check_grads(g, (s64,), order=1, modes=("rev",), eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
 # --- topd_loss -----------------------------------------------------------------------
@@ -273,6 +280,14 @@ def test_topd_gradient_is_finite_and_matches_finite_differences():
     grads = jax.grad(f, argnums=(0, 1))(s, gs)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
     check_grads(f, (s, gs), order=1, modes=("rev",), eps=1e-3, atol=2e-3, rtol=2e-3)
+    with jax.enable_x64(True):  # float64 inputs compute in float64: central differences at 1e-7
+        t, div, gt = jnp.asarray(t, jnp.float64), jnp.asarray(div, jnp.float64), jnp.asarray(gt, jnp.float64)
+        s64, gs64 = jnp.asarray(s, jnp.float64), jnp.asarray(gs, jnp.float64)
+        f64 = jax.jit(lambda s, gs: topd_loss(token_divergence(s, t, mask), mask, candidates=cand, divergence=div,
+                                              guidance_student_logits=gs, guidance_teacher_logits=gt,
+                                              guidance_mask=gm, traj_decay=0.9)[0])
+        assert f64(s64, gs64).dtype == jnp.float64
+        check_grads(f64, (s64, gs64), order=1, modes=("rev",), eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
 def test_losses_package_imports_nothing_else_from_topd_jax_nor_flax():

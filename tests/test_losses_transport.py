@@ -171,6 +171,10 @@ def test_margin_w1_gradient_matches_finite_differences():
     a = jnp.array([0.1, 0.7, -0.4, 1.3])
     b = jnp.array([0.0, 0.5, 0.9])
     check_grads(lambda x: margin_w1(x, b), (a,), order=1, modes=("rev",), eps=1e-3, atol=2e-3, rtol=2e-3)
+    with jax.enable_x64(True):  # float64 inputs compute in float64: central differences at 1e-7
+        a64, b64 = jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64)
+        assert margin_w1(a64, b64).dtype == jnp.float64
+        check_grads(lambda x: margin_w1(x, b64), (a64,), order=1, modes=("rev",), eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
 # ---- exact solver and debiased Sinkhorn divergence (TOPD_REVIEW D3) ----

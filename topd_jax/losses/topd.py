@@ -14,6 +14,7 @@ from jax import lax
 from topd_jax.losses.candidates import masked_quantile, select_candidates
 from topd_jax.losses.divergence import (
     DEFAULT_MAX_VOCAB_PADDING,
+    compute_dtype,
     safe_log_softmax,
     token_divergence,
 )
@@ -145,7 +146,7 @@ def opd_loss(token_loss: jax.Array, mask: jax.Array, weights: jax.Array | None =
         if weights.shape != mask.shape:
             raise ValueError(f"weights {weights.shape} and mask {mask.shape} differ")
         w = w * lax.stop_gradient(weights.astype(jnp.float32))
-    loss = jnp.where(w != 0, token_loss.astype(jnp.float32), 0.0)
+    loss = jnp.where(w != 0, token_loss.astype(compute_dtype(token_loss)), 0.0)  # float64 stays float64
     return jnp.sum(w * loss), jnp.sum(w)
 
 
@@ -211,7 +212,7 @@ def trajectory_guidance_loss(
                 f"kind='nll' needs targets of shape {window_mask.shape}, got "
                 f"{None if targets is None else targets.shape}"
             )
-        s = jnp.where(valid[..., None], student_logits.astype(jnp.float32), 0.0) / temperature
+        s = jnp.where(valid[..., None], student_logits.astype(compute_dtype(student_logits)), 0.0) / temperature
         logp = safe_log_softmax(s)
         picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
         per_token = jnp.where(valid, -picked, 0.0)

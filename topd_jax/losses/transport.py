@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from topd_jax.losses.divergence import compute_dtype
+
 OT_SOLVERS = ("sinkhorn", "sinkhorn_divergence", "exact")
 
 
@@ -268,10 +270,11 @@ def margin_w1(
       teacher_mask, student_mask: optional ``[..., N]`` / ``[..., M]`` valid samples.
 
     Returns:
-      ``[...]`` float32; 0 when either side has no valid sample.
+      ``[...]`` float32 (float64 for float64 inputs); 0 when either side has no valid sample.
     """
-    a = teacher_margins.astype(jnp.float32)
-    b = student_margins.astype(jnp.float32)
+    dtype = compute_dtype(teacher_margins, student_margins)  # float32; float64 stays float64
+    a = teacher_margins.astype(dtype)
+    b = student_margins.astype(dtype)
     if a.shape[:-1] != b.shape[:-1]:
         raise ValueError(f"teacher_margins {a.shape} and student_margins {b.shape} batch dims differ")
     a_valid = jnp.ones(a.shape, bool) if teacher_mask is None else teacher_mask.astype(bool)
