@@ -3,34 +3,38 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from topd_jax.data import synthetic
 from topd_jax.models import ModelConfig, init_model
 from topd_jax.demos import demo
 from topd_jax.config.schema import OptimConfig
-from topd_jax.demos.sft import cross_entropy_sums, train_sft
+from topd_jax.demos.sft import train_sft
 
 TINY = ModelConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                    head_dim=16, intermediate_size=64, max_position_embeddings=64)
 
 
-def test_cross_entropy_sums_match_numpy():
+def test_demo_sft_loss_is_the_trainers_ce_and_matches_numpy():
+    """The demo's SFT runs ``algorithm=sft``'s objective: on a batch of demo rows its (sum, count)
+    is the summed next-token NLL of the targets from the model's own logits, computed in NumPy."""
+    from topd_jax.algorithms.objective import make_loss_fn
+    from topd_jax.demos.sft import SFT_SPEC, sft_rows
+
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
-    ids = rng.integers(0, 7, size=(2, 5)).astype(np.int32)
-    mask = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], bool)
-    total, count = cross_entropy_sums(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+    model = init_model(TINY, seed=0)
+    ids = rng.integers(0, 128, size=(2, 6)).astype(np.int32)
+    attention = np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+    target = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]], bool)
+    graphdef, params = nnx.split(model)
+    terms, metrics = make_loss_fn(SFT_SPEC, graphdef)(
+        params, sft_rows({"input_ids": ids, "attention_mask": attention, "loss_mask": target}), None)
+    logits = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(attention)), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    want = -sum(logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 5) if mask[b, t])
-    assert float(count) == mask[:, 1:].sum() == 5
+    want = -sum(logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 6) if target[b, t])
+    total, count = terms["opd"]
+    assert float(count) == target.sum() == 6 and float(metrics["ce"][1]) == 6
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
-
-
-def test_cross_entropy_rejects_mismatched_shapes_naming_them():
-    with pytest.raises(ValueError, match=r"\(2, 4\)"):
-        cross_entropy_sums(jnp.zeros((2, 5, 7)), jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4), bool))
 
 
 def test_train_sft_lowers_the_loss_and_solves_a_memorised_subset():

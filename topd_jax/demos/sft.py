@@ -1,103 +1,74 @@
-"""Supervised next-token training (teacher forcing), used to build the demo's tiny models.
+"""Supervised next-token training (teacher forcing) of the demo's tiny models, through the
+trainer's own pieces: the ``algorithm=sft`` objective (``LossSpec(kind="ce")``: the token-mean
+cross-entropy of the targets, ``losses.opd_loss`` of the NLL) and the jitted ``TrainStep``
+(AdamW with the config's schedule and clipping, non-finite skip), on one device.
 
-    step = make_sft_step(graphdef, tx)                      # one compile per batch shape
-    params, opt_state, (loss_sum, count) = step(params, opt_state, batch)
     model, losses = train_sft(model, batches, steps=..., optim=OptimConfig(lr=3e-3))
 
 A batch is ``topd_jax.data.synthetic.supervised_arrays``' layout: ``input_ids [B, T]``,
 ``attention_mask [B, T]`` and ``loss_mask [B, T]`` (True at target tokens; the logits at
-column t - 1 predict ``input_ids[:, t]``). The loss is the token mean of the cross-entropy
-over all target tokens of the batch, returned as a ``(sum, count)`` pair.
+column t - 1 predict ``input_ids[:, t]``), the trainer's ``ids`` / ``seq_mask`` /
+``loss_mask`` rows under other names (``sft_rows``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from topd_jax.models import Qwen
+from topd_jax.algorithms.objective import LossSpec, make_loss_fn
 from topd_jax.config.schema import OptimConfig
-from topd_jax.train.optim import make_optimizer
+from topd_jax.models import Qwen
+from topd_jax.sharding import MeshConfig, make_mesh
+from topd_jax.train.optim import lr_schedule, make_optimizer
+from topd_jax.train.state import create_train_state
+from topd_jax.train.step import TrainStep
 
-Batch = Mapping[str, jax.Array]
-
-
-def cross_entropy_sums(logits: jax.Array, input_ids: jax.Array,
-                       loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy and target count.
-
-    logits [B, T, V] float32 (column t predicts token t + 1); input_ids, loss_mask [B, T].
-    Returns (Σ -log p(input_ids[:, t] | < t) over loss_mask[:, t], Σ loss_mask), scalars.
-    """
-    if logits.shape[:2] != input_ids.shape or input_ids.shape != loss_mask.shape:
-        raise ValueError(f"logits {logits.shape}, input_ids {input_ids.shape} and loss_mask "
-                         f"{loss_mask.shape} must share [batch, seq]")
-    # log_softmax in float32: the targets' log-probs are small differences of large logits
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, T-1, V]
-    targets = input_ids[:, 1:]  # [B, T-1]
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T-1]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    return (nll * mask).sum(), mask.sum()
+SFT_SPEC = LossSpec(kind="ce")  # what ``algorithm=sft`` trains
 
 
-def sft_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch):
-    """Token-mean CE of the model ``merge(graphdef, params)`` on ``batch``; aux (sum, count)."""
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # [B, T, V]
-    total, count = cross_entropy_sums(logits, batch["input_ids"], batch["loss_mask"])
-    return total / jnp.maximum(count, 1.0), (total, count)
-
-
-def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
-    """A jitted ``(params, opt_state, batch) -> (params, opt_state, (loss_sum, count))``.
-
-    params and opt_state are donated (updated in place); the returned pair lets callers
-    average the loss over steps without a device sync per step.
-    """
-    grad_fn = jax.value_and_grad(sft_loss, has_aux=True)
-
-    def step(params, opt_state, batch):
-        (_, sums), grads = grad_fn(params, graphdef, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, sums
-
-    return jax.jit(step, donate_argnums=(0, 1))
+def sft_rows(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The demo batch as the trainer's supervised rows (``algorithms.sft.rows``' layout):
+    ``ids``, ``seq_mask``, ``loss_mask`` and unit ``weights``, all ``[B, T]``."""
+    ids = jnp.asarray(batch["input_ids"], jnp.int32)
+    return {"ids": ids, "seq_mask": jnp.asarray(batch["attention_mask"], bool),
+            "loss_mask": jnp.asarray(batch["loss_mask"], bool), "weights": jnp.ones(ids.shape, jnp.float32)}
 
 
 def train_sft(model: Qwen, batches: Iterator[Mapping[str, np.ndarray]], *, steps: int,
               optim: OptimConfig, desc: str = "sft", progress: bool = True,
               log_every: int = 25) -> tuple[Qwen, list[float]]:
-    """``steps`` AdamW steps of supervised CE on ``batches``; returns (model, losses).
+    """``steps`` updates of the ``algorithm=sft`` objective on ``batches``; returns (model, losses).
 
     ``losses[i]`` is the token-mean CE over steps ``[i * log_every, (i + 1) * log_every)``
     (the last window may be shorter). The input model is left unchanged (a new one is
-    returned) since its parameter buffers are donated to the step.
+    returned): the step donates a copy of its parameters.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    graphdef, params = nnx.split(model)
-    params = jax.tree.map(jnp.copy, params)  # donation must not invalidate the caller's model
     if steps == 0:
-        return nnx.merge(graphdef, params), []
+        graphdef, params = nnx.split(model)
+        return nnx.merge(graphdef, jax.tree.map(jnp.copy, params)), []
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     tx = make_optimizer(optim, steps)
-    opt_state = tx.init(params)
-    step = make_sft_step(graphdef, tx)
+    graphdef, state, shardings = create_train_state(model, tx, mesh, seed=0)
+    step = TrainStep(make_loss_fn(SFT_SPEC, graphdef), tx, lr_schedule(optim, steps), shardings, mesh)
     losses: list[float] = []
     window_sum, window_count = jnp.zeros(()), jnp.zeros(())
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for i in bar:
-        batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
-        params, opt_state, (s, c) = step(params, opt_state, batch)
-        window_sum, window_count = window_sum + s, window_count + c
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            losses.append(float(window_sum / jnp.maximum(window_count, 1.0)))
-            window_sum, window_count = jnp.zeros(()), jnp.zeros(())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    with jax.set_mesh(mesh):
+        for i in bar:
+            state, out = step(state, sft_rows(next(batches)), None)
+            s, c = out["ce"]
+            window_sum, window_count = window_sum + s, window_count + c
+            if (i + 1) % log_every == 0 or i + 1 == steps:
+                losses.append(float(window_sum / jnp.maximum(window_count, 1.0)))
+                window_sum, window_count = jnp.zeros(()), jnp.zeros(())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
-    return nnx.merge(graphdef, params), losses
+    return nnx.merge(graphdef, state.params), losses
