@@ -32,7 +32,7 @@ from topd_jax.checkpoints import save_hf
 from topd_jax.data import labelled
 from topd_jax.data.synthetic import Problem
 from topd_jax.models import Qwen, init_model
-from topd_jax.rollout import generate
+from topd_jax.eval.generation import generate_in_batches
 from topd_jax.demos import demo
 from topd_jax.config.schema import RunConfig
 from topd_jax.demos.sft import train_sft
@@ -65,17 +65,16 @@ def batches(problems: Sequence[Problem], role: str, batch_size: int, seed: int, 
 
 
 def _greedy_words(model: Qwen, texts: Sequence[str], max_new_tokens: int, length: int) -> list[list[str]]:
-    """Greedy completions (words, ``<eos>`` kept) of left-padded ``texts`` (prompt + prefix)."""
-    ids, mask = np.full((len(texts), length), TOK.pad_id, np.int32), np.zeros((len(texts), length), bool)
-    for i, t in enumerate(texts):
-        row = TOK.encode(t)
-        ids[i, length - len(row):], mask[i, length - len(row):] = row, True
-    res = generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=max_new_tokens, temperature=0.0,
-                   eos_ids=(TOK.eos_id,), pad_id=TOK.pad_id)
-    tokens, real = np.asarray(res.tokens), np.asarray(res.mask)
-    vocab = TOK.vocab
-    return [[labelled.EOS if t == TOK.eos_id else (vocab[t] if t < len(vocab) else "<unk>")
-             for t in tokens[i][real[i]]] for i in range(len(texts))]
+    """Greedy completions (words, ``<eos>`` kept) of ``texts`` (prompt + prefix) at ``length``
+    prompt columns, through the one generation loop (``eval.generation.generate_in_batches``)."""
+    vocab, out = TOK.vocab, []
+    for batch in generate_in_batches(model, [TOK.encode(t) for t in texts], batch_size=len(texts),
+                                     key_for=lambda start, index: jax.random.key(0),
+                                     max_new_tokens=max_new_tokens, eos_ids=(TOK.eos_id,), pad_id=TOK.pad_id,
+                                     length=length):
+        out += [[labelled.EOS if t == TOK.eos_id else (vocab[t] if t < len(vocab) else "<unk>")
+                 for t in np.asarray(row)[:n]] for row, n in zip(batch.tokens, batch.lengths)]
+    return out
 
 
 def gates(model: Qwen, problems: Sequence[Problem], *, prompt_len: int, completion_len: int,
