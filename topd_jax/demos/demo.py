@@ -187,6 +187,24 @@ def _train_role(cfg: RunConfig, role: str, progress: bool) -> tuple[Qwen, dict[s
                    "num_params": model.config.num_params(), "key": cache_key(cfg, role)}
 
 
+def save_cached(model: Qwen, meta: dict[str, Any], out: Path) -> None:
+    """Save ``model`` as an HF directory at ``out`` with ``meta`` in ``META_FILE``, the cache entry
+    every demo reads back with ``read_meta``. Written into a temporary sibling and renamed, so a
+    killed run never leaves a half-written directory that a later run would take for a finished
+    one; a leftover without meta (interrupted by hand) is replaced."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_hf(model, tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def prepare_role(cfg: RunConfig, role: str, *, progress: bool = True,
                  log: Log = log_info) -> Path:
     """The cached HF directory of the ``role`` model, trained and saved first if missing."""
@@ -197,19 +215,7 @@ def prepare_role(cfg: RunConfig, role: str, *, progress: bool = True,
     log(f"demo: training the {role} ({cfg.demo.teacher_steps if role == 'teacher' else cfg.demo.student_steps}"
         f" supervised steps) -> {out}")
     model, meta = _train_role(cfg, role, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename: a killed run never leaves a half-written
-    # directory that a later run would take for a finished one.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_hf(model, tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if out.exists():  # a leftover without meta (interrupted by hand): replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    save_cached(model, meta, out)
     log(f"demo: {role} greedy accuracy {meta['greedy_accuracy']:.1%} on {meta['num_eval']} "
         f"held-out problems ({meta['train_seconds']:.0f} s training)")
     return out

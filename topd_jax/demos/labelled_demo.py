@@ -18,9 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -28,7 +25,6 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from topd_jax.checkpoints import save_hf
 from topd_jax.data import labelled
 from topd_jax.data.synthetic import Problem
 from topd_jax.models import Qwen, init_model
@@ -130,17 +126,7 @@ def prepare_role(cfg: RunConfig, role: str, steps: int, *, progress: bool = True
             "gates": gates(model, evals, prompt_len=p_len, completion_len=c_len),
             "num_eval": len(evals), "key": cache_key(cfg, role, steps)}
     meta["greedy_accuracy"] = meta["gates"]["greedy_accuracy"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_hf(model, tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    demo.save_cached(model, meta, out)
     log(f"labelled: {role} {out} after {train_s:.0f} s: {meta['gates']}")
     return out
 

@@ -36,9 +36,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -229,22 +227,6 @@ def _train_cold_start(cfg: RunConfig, progress: bool) -> tuple[Qwen, dict[str, A
                    "num_params": model.config.num_params(), "key": cache_key(cfg)}
 
 
-def _save(model: Qwen, meta: Mapping[str, Any], out: Path) -> None:
-    from topd_jax.checkpoints import save_hf
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary sibling, then rename: a killed run never leaves a directory that looks finished.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_hf(model, tmp)
-        (tmp / demo.META_FILE).write_text(json.dumps(meta, indent=2))
-        if out.exists():  # a leftover without meta (interrupted by hand): replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def prepare_cold_start(cfg: RunConfig, *, progress: bool = True, log: Log = log_info) -> str:
     """The cold-start student's HF directory: ``student.path`` when set, else the cache entry
     (trained and saved first if missing)."""
@@ -260,7 +242,7 @@ def prepare_cold_start(cfg: RunConfig, *, progress: bool = True, log: Log = log_
         return str(out)
     log(f"rl demo: cold start ({cfg.cold_start.steps} supervised steps, solutions + constructions) -> {out}")
     model, meta = _train_cold_start(cfg, progress)
-    _save(model, meta, out)
+    demo.save_cached(model, meta, out)
     c = meta["construction"]["greedy"]
     log(f"rl demo: cold start accuracy {meta['greedy_accuracy']:.1%} greedy, "
         f"{meta['solve']['sampled']['accuracy']:.1%} sampled; constructions (greedy) parse {c['parse_rate']:.1%}, "
