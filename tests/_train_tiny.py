@@ -52,3 +52,24 @@ def cli_config_file(path, cfg, student_dir, teacher_dir, **top):
     with open(path, "w") as f:
         yaml.safe_dump(d, f, sort_keys=False)
     return path
+
+
+SMALL = dict(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=32, rope_theta=1e4)
+
+
+def tiny_pair_and_prompts():
+    """``(one-device mesh, student, teacher, prompts)``: random models matching ``TINY``'s
+    vocabulary and a 2-row prompt batch (row 1 left-padded), for step-level tests."""
+    import jax
+    import numpy as np
+
+    from topd_jax.models import ModelConfig, init_model
+    from topd_jax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1), devices=jax.devices()[:1])  # one device: fast compiles
+    s = init_model(ModelConfig(vocab_size=128, hidden_size=16, num_layers=1, **SMALL), seed=0)
+    t = init_model(ModelConfig(vocab_size=128, hidden_size=24, num_layers=1, **SMALL), seed=1)
+    ids = np.random.default_rng(0).integers(3, 128, (2, 6)).astype(np.int32)
+    mask = np.ones((2, 6), bool)
+    mask[1, :2] = False
+    return mesh, s, t, {"prompt_ids": ids, "prompt_mask": mask}

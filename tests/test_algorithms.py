@@ -9,18 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests._train_tiny import tiny_config
+from tests._train_tiny import SMALL, tiny_config, tiny_pair_and_prompts
 from topd_jax.algorithms import Frozen, LossSpec, make_loss_fn, prepare_batch
 from topd_jax.algorithms.objective import add_normalizers
 from topd_jax.algorithms.scoring import forward_hidden, token_divergences, token_logprobs
 from topd_jax.algorithms.topd import candidate_slots, student_suffix_rows, suffix_windows
 from topd_jax.models import ModelConfig, init_model
-from topd_jax.sharding import MeshConfig, make_mesh
 from topd_jax.train.optim import lr_schedule, make_optimizer
 from topd_jax.train.state import create_train_state
 from topd_jax.train.step import TrainStep
 
-SMALL = dict(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=32, rope_theta=1e4)
 
 
 def _models():
@@ -108,13 +106,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def setup():
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1), devices=jax.devices()[:1])  # one device: fast compiles
-    s = init_model(ModelConfig(vocab_size=128, hidden_size=16, num_layers=1, **SMALL), seed=0)
-    t = init_model(ModelConfig(vocab_size=128, hidden_size=24, num_layers=1, **SMALL), seed=1)
-    ids = np.random.default_rng(0).integers(3, 128, (2, 6)).astype(np.int32)
-    mask = np.ones((2, 6), bool)
-    mask[1, :2] = False
-    return mesh, s, t, {"prompt_ids": ids, "prompt_mask": mask}
+    return tiny_pair_and_prompts()
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
