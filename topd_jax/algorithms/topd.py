@@ -349,7 +349,10 @@ def classify(cand, pos, valid, d_slot, loss, loss_mask, defined, null_slot, *, q
 def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,
             timings: dict[str, float]) -> tuple[PreparedBatch, dict[str, Pair], GenerationResult]:
     """OPD's batch plus the detector's classification and (TOPD) guidance rows; see the module doc."""
-    k_roll, k_det, k_guide = jax.random.split(key, 3)
+    # Paired RNG (TOPD_REVIEW D9): the rollouts use the step key itself, as in opd.prepare, so
+    # OPD and TOPD arms with the same seed draw the same step-0 rollouts; detector and guidance
+    # keys are folded off it.
+    k_roll, k_det, k_guide = key, jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
     # The student branches from its own rollout cache (no second prefill of the rollouts).
     keep_cache = needs_student_continuations(cfg)
     batch, metrics, gen = opd.prepare(cfg, student, prompts, k_roll, frozen, timings, return_cache=keep_cache)
