@@ -165,7 +165,9 @@ class SyntheticConfig(_Checked):
 @dataclass(frozen=True)
 class DataConfig(_Checked):
     """Prompt source and batching (topd_jax.data.prompts)."""
-    source: Literal["files", "synthetic"] = opt("files", "prompt files or the synthetic task")
+    source: Literal["files", "synthetic", "labelled"] = opt(
+        "files", "prompt files, the synthetic task, or the labelled synthetic task (every "
+        "completion token gets a ground-truth label: topd_jax.data.labelled)")
     train_files: tuple[str, ...] = opt((), "JSONL/parquet files with problem/answer fields")
     eval_files: tuple[str, ...] = opt((), "held-out JSONL/parquet files for the eval hook")
     tokenizer: str | None = opt(None, "tokenizer directory (default: the student's path)")
@@ -389,6 +391,10 @@ class LoggingConfig(_Checked):
     wandb_project: str | None = opt(None, "W&B project (None: wandb's default / WANDB_PROJECT)")
     wandb_entity: str | None = opt(None, "W&B entity (None: wandb's default / WANDB_ENTITY)")
     wandb_name: str | None = opt(None, "W&B run name (None: wandb picks one)")
+    label_metrics: bool = opt(True, "per-step label_* metrics from the task's ground-truth labels "
+                              "(synthetic and labelled tasks; a no-op without a labeller)")
+    grad_norms_by_term: bool = opt(False, "log grad_norm_opd and grad_norm_traj, the norms of the "
+                                   "two loss terms' gradients (one extra backward pass per term)")
 
 
 @dataclass(frozen=True)
@@ -401,6 +407,8 @@ class EvalConfig(_Checked):
     samples_per_prompt: int = opt(1, "samples per prompt (pass@1 averaged)", _positive)
     temperature: float = opt(0.6, "evaluation sampling temperature", _nonneg)
     max_new_tokens: int = opt(16384, "evaluation response length", _positive)
+    seed: int = opt(0, "seed of the evaluation sampling key (independent of the run's seed, so "
+                    "arms with different seeds are evaluated with the same random numbers)")
 
 
 @dataclass(frozen=True)
@@ -483,6 +491,9 @@ class RunConfig(_Checked):
         if self.algorithm == "tapo" and self.tapo.n_pos + self.tapo.n_neg > self.rollout.n:
             raise ConfigError("tapo.n_pos", f"n_pos={self.tapo.n_pos} + n_neg={self.tapo.n_neg} > "
                               f"rollout.n={self.rollout.n}: no group can pass the DCS gate")
+        if self.is_rl and self.data.source == "labelled":
+            raise ConfigError("data.source", f"algorithm={self.algorithm} has no cold start for the "
+                              "labelled task; use data.source=synthetic (or algorithm=opd|topd)")
         if self.algorithm == "sft" and self.data.source != "files":
             raise ConfigError("data.source", "algorithm=sft trains on the files' responses; "
                               f"got data.source={self.data.source!r}")
