@@ -8,8 +8,10 @@ With no arguments: the embedded demo (``configs/demo.yaml``): the tiny teacher a
 of the synthetic task are prepared (trained once, then cached), TOPD runs (the demo default;
 ``algorithm=opd`` for plain OPD), and the demo report is written. ``--config
 configs/tapo_demo.yaml``: TAPO (or ``algorithm=grpo``) on the same task from a cached
-cold-start student (``topd_jax.demos.rl_demo``). With ``data.source=files``: a real run on
-local model directories.
+cold-start student (``topd_jax.demos.rl_demo``). ``data.source=labelled`` (``--config
+configs/labelled.yaml``): OPD/TOPD on the labelled task, whose rollouts carry ground-truth
+token labels, with its own cached models (``topd_jax.demos.labelled_demo``). With
+``data.source=files``: a real run on local model directories.
 
 Exit status (``topd_jax.cli_common``): 0 on success or after a SIGTERM-triggered save, 2 for
 a bad flag, config or input (nothing written), 1 when training fails (non-finite losses);
@@ -109,8 +111,7 @@ def _main(argv: list[str]) -> int:
                 from topd_jax.demos.rl_demo import prepare_cold_start
                 student_path = prepare_cold_start(cfg)
             else:
-                from topd_jax.demos.demo import prepare_demo_models
-                student_path, teacher_path = prepare_demo_models(cfg)
+                student_path, teacher_path = prepare_embedded_models(cfg)
         plan = plan_run(cfg, student_path, teacher_path)
     except FileNotFoundError as e:
         raise UsageError(e) from None
@@ -128,6 +129,20 @@ def _main(argv: list[str]) -> int:
         demo.demo_report(cfg, result, student_dir=student_path, teacher_dir=teacher_path)
     print(summary_line(result), flush=True)
     return 0
+
+
+def prepare_embedded_models(cfg) -> tuple[str, str]:
+    """``(student_dir, teacher_dir)`` of an embedded task's distillation run: the demo models
+    (``demos.demo.prepare_demo_models``) for ``synthetic``, the labelled task's
+    (``demos.labelled_demo.prepare_labelled_models``) for ``labelled``; directories named by
+    ``student.path`` and ``teacher.path`` (both) are used as they are."""
+    if cfg.data.source == "labelled":
+        if cfg.student.path is not None and cfg.teacher.path is not None:
+            return cfg.student.path, cfg.teacher.path
+        from topd_jax.demos.labelled_demo import prepare_labelled_models
+        return prepare_labelled_models(cfg, progress=cfg.logging.progress_bar, log=print)
+    from topd_jax.demos.demo import prepare_demo_models
+    return prepare_demo_models(cfg)
 
 
 def summary_line(result) -> str:

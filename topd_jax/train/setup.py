@@ -14,9 +14,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from topd_jax.data import synthetic
+from topd_jax.data import labelled, synthetic
 from topd_jax.data.prompts import PromptExample, load_prompts
-from topd_jax.data.tasks import MATH, SYNTHETIC, task_for
+from topd_jax.data.tasks import MATH, task_for
 from topd_jax.losses import common_vocab_size
 from topd_jax.models import ModelConfig
 from topd_jax.sharding import MeshConfig as ShardingMesh
@@ -105,9 +105,15 @@ def _check_vocab(student: ModelPlan, teacher: ModelPlan) -> None:
 
 
 def _synthetic_text(cfg: RunConfig) -> TextIO:
-    # RL runs start from a cold start that knows the tag/correction words; other ids unchanged.
-    tok = synthetic.SyntheticTokenizer(construction_words=cfg.is_rl)
-    return TextIO(encode=tok.encode, decode=tok.decode, verify=SYNTHETIC.grade, eos_ids=(tok.eos_id,),
+    """The embedded tasks' word tokenizer: ``labelled.LabelledTokenizer`` for the labelled task;
+    for the synthetic one the plain words (RL runs start from a cold start that also knows the
+    tag/correction words; other ids unchanged)."""
+    if cfg.data.source == "labelled":
+        tok = labelled.LabelledTokenizer()
+    else:
+        tok = synthetic.SyntheticTokenizer(construction_words=cfg.is_rl)
+    return TextIO(encode=tok.encode, decode=tok.decode, verify=task_for(cfg.data.source).grade,
+                  eos_ids=(tok.eos_id,),
                   pad_id=tok.pad_id, vocab_size=tok.vocab_size,
                   encode_completion=lambda s: tok.encode(s, add_bos=False))
 
@@ -167,7 +173,8 @@ def _synthetic_examples(cfg: RunConfig, text: TextIO):
 
     (tr, skipped), (ev, _) = examples(train, "train"), examples(evals, "eval")
     if not tr:
-        raise RunSetupError(f"data.max_prompt_len={cfg.data.max_prompt_len}: every synthetic prompt is longer")
+        raise RunSetupError(f"data.max_prompt_len={cfg.data.max_prompt_len}: every {cfg.data.source} prompt "
+                            f"is longer")
     return tr, ev, skipped
 
 
