@@ -7,11 +7,14 @@ One step, after the OPD rollouts and teacher scoring (opd.py):
    fixed shapes, so everything compiles once);
 2. D_t per slot: ``kl_window`` (no generation), ``ot_embedding`` (K-token continuations of
    teacher and student from c_t = (x, y_<t), embedded with the student's table, entropic
-   OT) or ``margin_w1`` (N continuations per side, margins of log p_T - log p_θ, W1);
+   OT), ``margin_w1`` (N continuations per side, margins of log p_T - log p_θ, W1) or
+   ``oracle`` (the task's ground-truth labels, ``oracle_detection``: the upper bound of a
+   perfect detector);
 3. over the whole batch: false alarms (``losses.false_alarms``; the step's ``losses.topd_loss``
    turns them into suppression weights) and guided points (most divergent first);
 4. guidance rows c_t + a (teacher continuation) with the teacher's hidden states at the K
-   predicting positions, for ``L_traj`` in the step.
+   predicting positions, for ``L_traj`` in the step (its first ``topd.guidance_window``
+   tokens: ``guidance_tokens``).
 
 With ``topd.fused_main_pass`` ℓ_t comes from the OPD term's own forward pass (``jax.vjp``); the
 batch carries ℓ_t and the gradient pulled back through its residuals (``PrecomputedGrad``).
@@ -34,6 +37,8 @@ from topd_jax.algorithms.objective import LossSpec, main_term_cotangent
 from topd_jax.algorithms.opd import Frozen, Pair, timed
 from topd_jax.algorithms.prepared import PrecomputedGrad, PreparedBatch
 from topd_jax.algorithms.scoring import forward_hidden, hidden_states, score_tokens, token_divergences
+from topd_jax.data import labelled
+from topd_jax.data.tasks import run_task
 from topd_jax.losses import (
     false_alarms,
     margin_w1,
@@ -253,7 +258,43 @@ def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timi
     return Detection(margin_w1(m_t, m_s, ok_t, ok_s), (t_cont, n), defined, None, None)
 
 
+# ---- oracle ----------------------------------------------------------------------------------
+ORACLE_FORK, ORACLE_OTHER, ORACLE_SURFACE = 1.0, 0.5, 0.0  # D of the oracle per label kind
+
+
+def oracle_labels(cfg: RunConfig, prompts: dict, rows: dict) -> np.ndarray:
+    """Ground-truth position labels ``[R, L]`` (``labelled.SURFACE``, ``FORK``, ...) of the
+    rollouts ``rows`` from the task's labeller; rollout row ``b * n + j`` belongs to prompt b.
+    Raises ValueError when the task has none (``topd.detector=oracle`` needs one)."""
+    task = run_task(cfg)
+    if task.labeller is None:
+        raise ValueError(f"topd.detector=oracle needs ground-truth labels, but the task of "
+                         f"data.source={cfg.data.source!r} ({task.name}) has no labeller; use "
+                         f"data.source=synthetic or labelled, or another topd.detector")
+    problems = [p for p in prompts["problems"] for _ in range(cfg.rollout.n)]
+    return task.labeller(problems, fetch(rows["ids"]), fetch(rows["loss_mask"]))["labels"]
+
+
+def oracle_detection(labels, pos: jax.Array, valid: jax.Array) -> Detection:
+    """``topd.detector=oracle``: D per slot ``[R, C]`` from the labels ``[R, L]`` instead of a
+    detector: ``ORACLE_FORK`` (1) at FORK/RECOVERY, ``ORACLE_SURFACE`` (0) at SURFACE,
+    ``ORACLE_OTHER`` (0.5) elsewhere; defined at every valid slot. ``classify(...,
+    oracle=True)`` then marks exactly the SURFACE candidates as false alarms and guides only
+    FORK/RECOVERY ones (the guidance snippet still comes from the teacher at that point)."""
+    lab = jnp.take_along_axis(jnp.asarray(labels, jnp.int32), pos, axis=1)
+    fork = (lab == labelled.FORK) | (lab == labelled.RECOVERY)
+    d = jnp.where(fork, ORACLE_FORK, jnp.where(lab == labelled.SURFACE, ORACLE_SURFACE, ORACLE_OTHER))
+    return Detection(d.astype(jnp.float32), None, valid.astype(bool), None, None)
+
+
 # ---- guidance --------------------------------------------------------------------------------
+def guidance_tokens(cfg: RunConfig) -> int:
+    """Tokens of a guidance row that L_traj reads: ``topd.guidance_window`` (None: the whole
+    K-token window, ``topd.window``)."""
+    t = cfg.topd
+    return t.window if t.guidance_window is None else t.guidance_window
+
+
 def guided_slots(cand, false_alarm, d_tok, d_slot, valid, pos, *, max_per_row: int | None):
     """Up to m = min(max_per_row, C) guided slots per rollout among the candidates that are not
     false alarms (``[R, L]`` bool each), most divergent first: ``idx [R, m]`` slot indices and
@@ -303,7 +344,8 @@ def guidance_batch(cfg: RunConfig, rows, slots, idx, g_valid, conts, key, frozen
                      fetch(start), key=key, num_tokens=t.window, temperature=t.continuation_temperature,
                      eos_ids=frozen.eos_ids, pad_id=frozen.pad_id)
         g = _take_rows(cont, jnp.arange(r * m))
-    g["g_window"] = g["g_window"] & g_valid.reshape(-1, 1)
+    # topd.guidance_window: only the first guidance_tokens of the K columns are targets.
+    g["g_window"] = g["g_window"] & g_valid.reshape(-1, 1) & (jnp.arange(t.window) < guidance_tokens(cfg))
     length = rows["ids"].shape[1]
     hidden = timed(timings, "scoring", forward_hidden, frozen.teacher, g["g_ids"], g["g_mask"])
     g["g_teacher_hidden"] = hidden[:, length - 1:length - 1 + t.window]
@@ -311,15 +353,18 @@ def guidance_batch(cfg: RunConfig, rows, slots, idx, g_valid, conts, key, frozen
 
 
 # ---- the whole preparation ------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("quantile", "regime", "suppress", "guidance", "max_per_row"))
+@functools.partial(jax.jit, static_argnames=("quantile", "regime", "suppress", "guidance", "max_per_row",
+                                             "oracle"))
 def classify(cand, pos, valid, d_slot, loss, loss_mask, defined, null_slot, *, quantile: float, regime: str,
-             suppress: bool, guidance: bool, max_per_row: int | None):
+             suppress: bool, guidance: bool, max_per_row: int | None, oracle: bool = False):
     """Over the whole batch (before any micro-batching, as in the paper): D token-indexed, the
     false alarms of the suppressed regime, guided slots and the detector metrics' sums, in one
     compiled call. Candidates whose D is not ``defined`` (``[R, C]``) are left out: never
     suppressed, never guided, counted in ``sums["undefined"]``. ``null_slot`` ``[R, C]`` (or
     None): the teacher-null rule, a false alarm when D <= D(teacher, teacher'); else the
-    batch-quantile rule.
+    batch-quantile rule. ``oracle``: ``d_slot`` is ``oracle_detection``'s; the false alarms are the
+    candidates with D = 0 (SURFACE), the high-divergence regime suppresses those with D = 1
+    (FORK/RECOVERY), and only D = 1 candidates are guided.
 
     Returns ``(candidates [R, L] (those classified), divergence [R, L], false_alarm [R, L],
     idx [R, m] | None, g_valid [R, m] | None, sums)``.
@@ -329,7 +374,12 @@ def classify(cand, pos, valid, d_slot, loss, loss_mask, defined, null_slot, *, q
     d_slot = jnp.where(classified, d_slot, 0.0)
     d_tok = scatter_slots(d_slot, pos, classified, length)
     cand = cand & (scatter_slots(jnp.ones(pos.shape), pos, classified, length) > 0)  # D defined
-    if null_slot is not None:
+    unguided = None  # candidates guidance skips besides the false alarms
+    if oracle:
+        low = cand & (d_tok <= ORACLE_SURFACE)
+        suppressed = low if regime == "low_divergence" else cand & (d_tok >= ORACLE_FORK)
+        unguided = cand & (d_tok < ORACLE_FORK)
+    elif null_slot is not None:
         low = teacher_null_false_alarms(cand, d_tok, scatter_slots(null_slot, pos, classified, length))
         suppressed = low  # teacher_null with regime high_divergence: a config error
     else:
@@ -341,7 +391,8 @@ def classify(cand, pos, valid, d_slot, loss, loss_mask, defined, null_slot, *, q
             "suppressed": jnp.sum(suppressed) if suppress else jnp.float32(0.0), "div": jnp.sum(d_slot)}
     idx = g_valid = None
     if guidance:
-        idx, g_valid = guided_slots(cand, low, d_tok, d_slot, valid, pos, max_per_row=max_per_row)
+        idx, g_valid = guided_slots(cand, low if unguided is None else low | unguided, d_tok, d_slot, valid, pos,
+                                    max_per_row=max_per_row)
         sums["guided"] = jnp.sum(g_valid)
     return cand, d_tok, suppressed, idx, g_valid, sums
 
@@ -369,7 +420,10 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     slots = candidate_slots(loss, batch["loss_mask"], mode=t.candidate_mode, num=t.num_candidates,
                             min_separation=t.min_separation, quantile=t.candidate_quantile, rollback=t.rollback)
     cand, pos, valid, _ = slots
-    det = detect(cfg, student, batch, loss, slots, k_det, frozen, timings, gen.cache)
+    if t.detector == "oracle":  # the labels instead of a detector (no continuations)
+        det = oracle_detection(oracle_labels(cfg, prompts, batch), pos, valid)
+    else:
+        det = detect(cfg, student, batch, loss, slots, k_det, frozen, timings, gen.cache)
     conts = det.conts
     gen = gen.replace(cache=None)  # not part of what prepare returns (memory)
     mode = cfg.suppression
@@ -377,7 +431,7 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     batch["candidates"], batch["divergence"], batch["false_alarm"], idx, g_valid, sums = classify(
         cand, pos, valid, det.d, loss, batch["loss_mask"], det.defined, det.null, quantile=t.false_alarm_quantile,
         regime="high_divergence" if mode == "high_divergence" else "low_divergence", suppress=mode != "none",
-        guidance=cfg.uses_guidance, max_per_row=t.max_guided_points)
+        guidance=cfg.uses_guidance, max_per_row=t.max_guided_points, oracle=t.detector == "oracle")
     precomputed = None
     if cfg.fuses_main_pass:  # ∂L/∂ℓ pulled back through the kept residuals (no second forward)
         spec = LossSpec.from_config(cfg, batch["ids"].shape[1])

@@ -227,8 +227,11 @@ class TopdConfig(_Checked):
     min_separation: int = opt(8, "minimum token gap between candidates (top_c)", _nonneg)
     candidate_quantile: float = opt(0.8, "q: positions above this loss quantile (quantile)",
                                     _unit)
-    detector: Literal["ot_embedding", "margin_w1", "kl_window"] = opt(
-        "ot_embedding", "near-future divergence D_t between teacher and student futures")
+    detector: Literal["ot_embedding", "margin_w1", "kl_window", "oracle"] = opt(
+        "ot_embedding", "near-future divergence D_t between teacher and student futures; "
+        "oracle: the task's ground-truth labels instead of a detector (a SURFACE candidate is a "
+        "false alarm, D = 1 at FORK/RECOVERY, 0 at SURFACE, 0.5 otherwise; needs a task with a "
+        "labeller: data.source=synthetic|labelled)")
     window: int = opt(50, "K: near-future window length in tokens", _positive)
     rollback: int = opt(1, "tokens rolled back before branching (1: regenerate y_t)", _positive)
     continuation_temperature: float = opt(1.0, "sampling temperature of the K-token "
@@ -270,6 +273,10 @@ class TopdConfig(_Checked):
     guidance: bool = opt(True, "multi-token guidance at divergent states (topd only)")
     max_guided_points: int | None = opt(1, "guided points per rollout, most divergent first "
                                         "(None: all divergent)", _positive)
+    guidance_window: int | None = opt(None, "guidance tokens per guided point: L_traj reads the "
+                                      "first guidance_window tokens of the K-token teacher "
+                                      "continuation (None: topd.window; 1: single-token guidance, "
+                                      "the TOPD-K1 arm)", _positive)
     guidance_weight: float = opt(1.0, "lambda: weight of L_traj", _nonneg)
     guidance_decay: float = opt(1.0, "gamma: weight gamma^i on guidance position i "
                                 "(1: uniform)", _half_open_unit)
@@ -278,6 +285,9 @@ class TopdConfig(_Checked):
         "targets on the student's own future positions")
 
     def _validate(self):
+        if self.guidance_window is not None and self.guidance_window > self.window:
+            raise ConfigError("guidance_window", f"guidance_window={self.guidance_window} > "
+                              f"window={self.window}: guidance reads at most the K-token window")
         if self.false_alarm_rule == "teacher_null":
             if self.detector != "ot_embedding":
                 raise ConfigError("false_alarm_rule", f"teacher_null compares two teacher "

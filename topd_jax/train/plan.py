@@ -364,7 +364,7 @@ def _continuation_rows(cfg: RunConfig) -> tuple[int, bool, bool]:
     t = cfg.topd
     if cfg.algorithm == "warmup" or not cfg.uses_detector:
         return 0, False, False
-    if t.detector != "kl_window":  # C slots x n continuations per side, teacher always
+    if t.detector in ("ot_embedding", "margin_w1"):  # C slots x n continuations per side, teacher always
         n = t.continuations_per_side if t.detector == "ot_embedding" else t.margin_samples
         return t.num_candidates * n, True, needs_student_continuations(cfg)
     if cfg.uses_guidance and t.guidance_target != "student_positions":  # guidance's own continuations
