@@ -238,14 +238,53 @@ def prepare_demo_models(cfg: RunConfig, *, progress: bool = True,
 
 
 # ---------------------------------------------------------------- report
+def final_detector_roc(cfg: RunConfig, student, *, student_dir: str | os.PathLike,
+                       teacher_dir: str | os.PathLike, prompts: int, rollouts: int,
+                       ks: Sequence[int]) -> dict[str, Any] | None:
+    """``eval.detector_roc.detector_roc`` of the final ``student`` on the first ``prompts``
+    held-out problems (``rollouts`` each, temperature 1): ``kl_window``, ``ot_embedding`` as the
+    run configures it (table ``topd.ot_embedding``, ``topd.ot_solver``, ε, iterations, fresh
+    continuation or the rollout's suffix) and ``margin_w1`` (``topd.margin_samples``), each at
+    every K of ``ks``; candidates above ``topd.candidate_quantile`` of ℓ per rollout. Returns
+    ``demo_report.compact_roc`` of it, or None when the task has no labeller or ``prompts`` is 0."""
+    from topd_jax.data.tasks import run_task
+    from topd_jax.demos.demo_report import compact_roc
+    from topd_jax.eval.detector_roc import OtVariant, detector_roc
+    from topd_jax.models import load_pretrained
+
+    task = run_task(cfg)
+    if task.labeller is None or prompts == 0:
+        return None
+    t = cfg.topd
+    tables = {}
+    if t.ot_embedding == "student_initial":
+        tables["student_initial"] = load_pretrained(student_dir).embedding_table()
+    variant = OtVariant("ot_embedding", t.ot_embedding, t.ot_solver, t.sinkhorn_epsilon,
+                        "suffix" if t.reuse_student_suffix else "fresh", max_iters=t.sinkhorn_iters)
+    problems = [p.prompt for p in splits(cfg)[1][:prompts]]
+    ids, mask = prompt_arrays(problems, prompt_len(cfg))
+    res = detector_roc(student, load_pretrained(teacher_dir), ids, mask, problems, task.labeller,
+                       key=jax.random.key(cfg.seed), rollouts=rollouts, max_new_tokens=cfg.rollout.max_new_tokens,
+                       ks=ks, ot_variants=[variant], margin_samples=t.margin_samples,
+                       eos_id=task.labeller.eos_id, pad_id=synthetic.SyntheticTokenizer().pad_id,
+                       candidate_quantile=t.candidate_quantile, false_alarm_quantile=t.false_alarm_quantile,
+                       num_candidates=t.num_candidates, min_separation=t.min_separation, tables=tables)
+    return compact_roc(res, prompts=len(problems), rollouts=rollouts)
+
+
 def demo_report(cfg: RunConfig, result, *, student_dir: str | os.PathLike | None = None,
-                teacher_dir: str | os.PathLike | None = None, log: Log = print) -> dict[str, Any]:
-    """Write ``demo_report.json`` and ``demo_report.png`` to ``result.output_dir``, print the
-    table, and return the report dict.
+                teacher_dir: str | os.PathLike | None = None, log: Log = print,
+                roc_prompts: int | None = None) -> dict[str, Any]:
+    """Write ``demo_report.json``, ``demo_report.png`` and (with labels) ``demo_rollout.png`` to
+    ``result.output_dir``, print the tables, and return the report dict.
 
     ``result`` is the trainer's ``TrainResult`` (``history``, ``evals``, ``output_dir``,
-    ``final_step``). Teacher accuracy and the student's accuracy when prepared come from the
-    models' ``demo_meta.json`` (default directories: this config's cache entries).
+    ``final_step``, ``model``, ``extras``). Teacher accuracy and the student's accuracy when
+    prepared come from the models' ``demo_meta.json`` (default directories: this config's cache
+    entries). On a task with labels the report adds the detector ROC of the final student
+    (``final_detector_roc`` on ``roc_prompts`` held-out problems, default
+    ``demo_report.ROC_PROMPTS``; 0 skips it) and the rollout picture of
+    ``result.extras["label_example"]``.
     """
     from topd_jax.demos import demo_report as dr
 
@@ -258,10 +297,17 @@ def demo_report(cfg: RunConfig, result, *, student_dir: str | os.PathLike | None
              "eval_prompts": cfg.eval.num_prompts or cfg.data.synthetic.num_eval,
              "median_step_seconds": float(np.median(times)) if times else None}
     label = f"opd+{cfg.suppression}" if cfg.algorithm == "opd" and cfg.uses_detector else cfg.algorithm
+    roc = final_detector_roc(cfg, result.model, student_dir=student_dir, teacher_dir=teacher_dir,
+                             prompts=dr.ROC_PROMPTS if roc_prompts is None else roc_prompts,
+                             rollouts=dr.ROC_ROLLOUTS, ks=dr.ROC_KS)
     report = dr.build_report(label, result.history, result.evals,
                              teacher_meta=read_meta(teacher_dir), student_meta=read_meta(student_dir),
+                             false_alarm_rule=cfg.topd.false_alarm_rule if cfg.uses_detector else None,
+                             false_alarm_quantile=cfg.topd.false_alarm_quantile,
+                             ot_table=cfg.topd.ot_embedding if cfg.topd.detector == "ot_embedding" else None,
+                             detector_roc=roc, label_example=result.extras.get("label_example"),
                              extra=extra)
-    json_path, png_path = dr.write_report(report, result.history, result.output_dir)
+    paths = dr.write_report(report, result.history, result.output_dir)
     log(dr.format_table(report))
-    log(f"demo report: {json_path} and {png_path}")
+    log("demo report: " + ", ".join(str(p) for p in paths.values()))
     return report
