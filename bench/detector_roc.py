@@ -41,6 +41,7 @@ cached on first use, their gates in ``demo_meta.json``), or ``--student``/``--te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -53,6 +54,7 @@ import numpy as np  # noqa: E402
 
 from topd_jax.config.loader import load_config  # noqa: E402
 from topd_jax.data import labelled, synthetic  # noqa: E402
+from topd_jax.data.tasks import task_for  # noqa: E402
 from topd_jax.demos import demo, labelled_demo  # noqa: E402
 from topd_jax.eval.detector_roc import OtVariant, detector_roc  # noqa: E402
 from topd_jax.models import load_pretrained  # noqa: E402
@@ -69,14 +71,9 @@ OT_VARIANTS = [
 
 
 def labeller_for(task: str, modulus: int):
-    """The ground-truth labeller of ``task`` (``"demo"``: one-word connectives; ``"labelled"``)."""
-    tok = labelled.LabelledTokenizer() if task == "labelled" else synthetic.SyntheticTokenizer()
-    phrases = labelled.PHRASES if task == "labelled" else labelled.PLAIN_PHRASES
-
-    def label(problems, ids, completion_mask):
-        parsed = [labelled.parse_problem(p, modulus) for p in problems]
-        return labelled.label_rollouts(parsed, ids, completion_mask, tok.vocab, eos_id=tok.eos_id, phrases=phrases)
-    return label
+    """The ground-truth labeller (``Task.labeller``) of ``task`` (``"demo"``: the synthetic task's
+    one-word connectives; ``"labelled"``) at ``modulus``."""
+    return dataclasses.replace(task_for("labelled" if task == "labelled" else "synthetic").labeller, modulus=modulus)
 
 
 # ---------------------------------------------------------------- main
