@@ -12,6 +12,7 @@ distillation algorithms) or ``rl_objective.make_rl_loss_fn`` (GRPO/TAPO), chosen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from topd_jax.algorithms import grpo, opd, sft, tapo, topd, warmup
@@ -42,5 +43,17 @@ def build_objective(cfg: RunConfig, graphdef, seq_len: int):
     return make_loss_fn(spec, graphdef), functools.partial(add_normalizers, spec)
 
 
-__all__ = ["Frozen", "LossSpec", "PrecomputedGrad", "PreparedBatch", "RlSpec", "build_objective", "grpo",
+def build_opd_term(cfg: RunConfig, graphdef, seq_len: int):
+    """The distillation loss restricted to L_OPD_w (``logging.grad_norms_by_term``: ``train.step``
+    takes ∇(λ·L_traj) as the difference): ``make_loss_fn`` of the objective without guidance,
+    or None when the objective has no L_traj term (it is L_OPD_w already)."""
+    if cfg.is_rl or cfg.algorithm in ("sft", "warmup"):
+        raise ValueError(f"algorithm={cfg.algorithm} has no L_OPD/L_traj terms (opd and topd do)")
+    spec = LossSpec.from_config(cfg, seq_len)
+    if not spec.guidance:
+        return None
+    return make_loss_fn(dataclasses.replace(spec, guidance=False), graphdef)
+
+
+__all__ = ["Frozen", "LossSpec", "PrecomputedGrad", "PreparedBatch", "RlSpec", "build_objective", "build_opd_term", "grpo",
            "make_loss_fn", "opd", "prepare_batch", "sft", "tapo", "topd", "warmup"]

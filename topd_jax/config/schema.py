@@ -501,6 +501,9 @@ class RunConfig(_Checked):
         if self.algorithm == "tapo" and self.tapo.n_pos + self.tapo.n_neg > self.rollout.n:
             raise ConfigError("tapo.n_pos", f"n_pos={self.tapo.n_pos} + n_neg={self.tapo.n_neg} > "
                               f"rollout.n={self.rollout.n}: no group can pass the DCS gate")
+        if self.logging.grad_norms_by_term and self.algorithm not in ("opd", "topd"):
+            raise ConfigError("logging.grad_norms_by_term", f"the L_OPD and L_traj gradient norms "
+                              f"exist for algorithm=opd|topd, got algorithm={self.algorithm}")
         if self.is_rl and self.data.source == "labelled":
             raise ConfigError("data.source", f"algorithm={self.algorithm} has no cold start for the "
                               "labelled task; use data.source=synthetic (or algorithm=opd|topd)")

@@ -16,6 +16,14 @@ A ``PreparedBatch`` may carry a ``PrecomputedGrad`` (TOPD's fused main pass): th
 the loss through batch arrays that the loss reads as constants, computed before the step. It
 is added to the gradient (not to the loss: the loss already counts those arrays' value) and
 needs one update on the whole batch (``micro_batches=1``, ``updates=1``).
+
+Gradient norms by term (``logging.grad_norms_by_term``, review D11): the metrics also carry
+``grad_norm_opd`` = ‖∇L_OPD_w‖ and ``grad_norm_traj`` = ‖∇(λ·L_traj)‖ (their sum is the step's
+gradient; both before clipping). With the fused main pass they come apart for free (the
+``PrecomputedGrad`` is ∇L_OPD_w, the differentiated part ∇(λ·L_traj)); otherwise ``opd_term_fn``,
+the loss restricted to L_OPD_w, costs one extra forward and backward pass over the batch and
+∇(λ·L_traj) is the difference. Without an L_traj term (plain OPD, OPD + suppression)
+``grad_norm_opd`` = ``grad_norm`` and ``grad_norm_traj`` = 0, at no cost.
 """
 
 from __future__ import annotations
@@ -42,15 +50,37 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedShar
     return out
 
 
+def term_grad_norms(state: TrainState, batch, teacher_head, differentiated, precomputed: PrecomputedGrad | None,
+                    *, opd_term_fn: Callable | None, micro_batches: int) -> dict[str, jax.Array]:
+    """``grad_norm_opd`` and ``grad_norm_traj`` (module doc). ``differentiated``: the gradient of
+    the step's loss function over the (normalised) ``batch``, without ``precomputed``."""
+    if precomputed is not None:  # fused: ∇L_OPD_w came precomputed, the loss differentiated λ·L_traj
+        g_opd, g_traj = precomputed.grads, differentiated
+    elif opd_term_fn is None:  # the loss is L_OPD_w alone
+        g_opd, g_traj = differentiated, None
+    else:
+        _, g_opd, _, _ = accumulate_gradients(lambda p, mb: opd_term_fn(p, mb, teacher_head), state.params, batch,
+                                              micro_batches)
+        g_traj = jax.tree.map(jnp.subtract, differentiated, g_opd)
+    zero = jnp.zeros((), jnp.float32)
+    return {"grad_norm_opd": optax.tree.norm(g_opd),
+            "grad_norm_traj": zero if g_traj is None else optax.tree.norm(g_traj)}
+
+
 def _apply_update(state: TrainState, batch, teacher_head, *, loss_fn: Callable, tx, schedule,
                   micro_batches: int, coefs: Mapping[str, float] | None, normalize: Callable | None,
-                  precomputed: PrecomputedGrad | None = None):
+                  precomputed: PrecomputedGrad | None = None, grad_norms_by_term: bool = False,
+                  opd_term_fn: Callable | None = None):
     """Gradient over ``batch`` and one optimizer update (traced): ``(params, opt_state, ok, metrics)``.
     ``precomputed``: gradient through constants of the loss, added to the differentiated one."""
     if normalize is not None:
         batch = normalize(batch)
     loss, grads, terms, metrics = accumulate_gradients(
         lambda p, mb: loss_fn(p, mb, teacher_head), state.params, batch, micro_batches, coefs)
+    by_term = {}
+    if grad_norms_by_term:
+        by_term = term_grad_norms(state, batch, teacher_head, grads, precomputed, opd_term_fn=opd_term_fn,
+                                  micro_batches=micro_batches)
     if precomputed is not None:
         grads = jax.tree.map(jnp.add, grads, precomputed.grads)
     grad_norm = optax.tree.norm(grads)
@@ -65,13 +95,14 @@ def _apply_update(state: TrainState, batch, teacher_head, *, loss_fn: Callable, 
     for name, (s, c) in terms.items():
         out[f"{name}_loss"] = (s, c)
     out.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.opt_steps),
-               skipped=(~ok).astype(jnp.float32))
+               skipped=(~ok).astype(jnp.float32), **by_term)
     return params, opt_state, ok, out
 
 
 def update_impl(state: TrainState, batch, teacher_head, precomputed: PrecomputedGrad | None = None, *,
                 loss_fn: Callable, tx, schedule, micro_batches: int, coefs: Mapping[str, float],
-                normalize: Callable | None = None, updates: int = 1):
+                normalize: Callable | None = None, updates: int = 1, grad_norms_by_term: bool = False,
+                opd_term_fn: Callable | None = None):
     """One step (traced): ``updates`` optimizer updates on as many consecutive row
     mini-batches of ``batch`` (PPO-style; 1: one update on the whole batch). ``normalize(b)``
     may add param-independent arrays computed over the (mini-)batch (global counts).
@@ -79,7 +110,7 @@ def update_impl(state: TrainState, batch, teacher_head, precomputed: Precomputed
     finite updates. With several updates, ``(sum, count)`` metrics add up, scalars are
     averaged and ``skipped`` is the fraction of skipped updates."""
     kw = dict(loss_fn=loss_fn, tx=tx, schedule=schedule, micro_batches=micro_batches, coefs=coefs,
-              normalize=normalize)
+              normalize=normalize, grad_norms_by_term=grad_norms_by_term, opd_term_fn=opd_term_fn)
     if precomputed is not None and (updates != 1 or micro_batches != 1):
         raise ValueError(f"a PrecomputedGrad needs one update on the whole batch, got updates={updates}, "
                          f"micro_batches={micro_batches}")
@@ -107,10 +138,10 @@ class TrainStep:
     def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
                  shardings: TrainState, mesh: Mesh, *, micro_batches: int = 1,
                  coefs: Mapping[str, float] | None = None, normalize: Callable | None = None,
-                 updates: int = 1):
+                 updates: int = 1, grad_norms_by_term: bool = False, opd_term_fn: Callable | None = None):
         self._kw = dict(loss_fn=loss_fn, tx=tx, schedule=schedule, micro_batches=micro_batches,
                         coefs=dict(coefs) if coefs is not None else None, normalize=normalize,
-                        updates=updates)
+                        updates=updates, grad_norms_by_term=grad_norms_by_term, opd_term_fn=opd_term_fn)
         self.shardings, self.mesh = shardings, mesh
         self._compiled: dict[tuple, Callable] = {}
 
