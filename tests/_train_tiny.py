@@ -16,6 +16,7 @@ TINY = [
     "checkpoint.export_hf=false", "logging.progress_bar=false", "logging.stdout=false",
     "logging.tensorboard=false", "eval.at_start=false", "eval.at_end=false", "eval.max_new_tokens=10",
     "eval.temperature=0",
+    "logging.label_metrics=false",  # the label-metric pass is tested in test_label_metrics.py only (CI time)
 ]
 for role, hidden, layers in (("student", 16, 1), ("teacher", 24, 1)):
     TINY += [f"{role}.vocab_size=128", f"{role}.hidden_size={hidden}", f"{role}.num_layers={layers}",

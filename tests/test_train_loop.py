@@ -45,10 +45,28 @@ def test_opd_run_writes_history_evals_metrics_checkpoints_and_hf_export(tmp_path
     assert result.final_step == 3 and not result.preempted
 
 
-def test_topd_run_logs_detector_and_guidance_metrics(tmp_path):
+def test_topd_run_logs_detector_guidance_and_label_metrics(tmp_path, monkeypatch):
+    import dataclasses
+
+    from tests.test_label_metrics import _fake_labeller, numpy_label_metrics
+    from topd_jax.data.tasks import SYNTHETIC
+
+    batches = []
+    real = loop.prepare_batch
+    monkeypatch.setattr(loop, "prepare_batch", lambda *a, **k: batches.append(real(*a, **k)) or batches[-1])
+    # Label metrics from labels made of the ids (the random models write no grammatical chains).
+    monkeypatch.setattr(loop, "run_task", lambda cfg: dataclasses.replace(SYNTHETIC, labeller=_fake_labeller))
     # kl_window: the loop's TOPD path without compiling continuation samplers (see test_algorithms)
-    result = train(tiny_config(tmp_path / "run", "algorithm=topd", "topd.detector=kl_window", steps=2))
+    result = train(tiny_config(tmp_path / "run", "algorithm=topd", "topd.detector=kl_window",
+                               "logging.label_metrics=true", steps=2))
     row = result.history[-1]
+    # The history row (and metrics.jsonl) carry the label metrics of the last step's batch.
+    expect = numpy_label_metrics(batches[-1][0])
+    np.testing.assert_allclose([row[k] for k in expect], list(expect.values()), rtol=1e-5)
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    np.testing.assert_allclose([logged[k] for k in expect], list(expect.values()), rtol=1e-5)
+    assert 0 < row["time_label_metrics"] and 0 < row["time_update"] <= row["time_step"]
+    assert len(result.extras["label_example"]["words"]) > 0
     for key in ("traj_loss", "divergence", "false_alarm_fraction", "guided_points_per_rollout",
                 "candidates_per_rollout"):
         assert key in row and np.isfinite(row[key]), key

@@ -9,6 +9,9 @@ reads as constants: TOPD computes ℓ_t for its detector from the OPD term's own
 (``topd.fused_main_pass``), keeps the residuals, and pulls ``∂L/∂ℓ`` back through them in
 ``prepare``; the step's loss then reads ``arrays["token_loss"]`` under ``stop_gradient`` (its
 value is exact) and ``train.step`` adds ``grads`` to the gradient it differentiates itself.
+``diagnostics`` are token-indexed arrays for the trainer's logging only (never passed to the
+step): with a detector, ``token_loss`` ℓ_t ``[R, L]`` and ``guided`` ``[R, L]`` bool (the guided
+candidate positions; TOPD with guidance).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ class PrecomputedGrad:
 
 @flax.struct.dataclass
 class PreparedBatch:
-    """The update's input: ``arrays`` ``{name: [rows, ...]}`` and an optional ``precomputed``."""
+    """The update's input: ``arrays`` ``{name: [rows, ...]}`` and an optional ``precomputed``;
+    ``diagnostics`` ``{name: [rows, ...]}`` for logging only (the module doc)."""
     arrays: dict[str, jax.Array]
     precomputed: PrecomputedGrad | None = None
+    diagnostics: dict[str, jax.Array] | None = None
 
     def __post_init__(self):
         if self.precomputed is not None:

@@ -397,6 +397,13 @@ def classify(cand, pos, valid, d_slot, loss, loss_mask, defined, null_slot, *, q
     return cand, d_tok, suppressed, idx, g_valid, sums
 
 
+def guided_mask(pos: jax.Array, idx: jax.Array, g_valid: jax.Array, length: int) -> jax.Array:
+    """The guided candidate positions ``[R, L]`` bool from ``guided_slots``' ``idx, g_valid [R, m]``
+    and the slots' ``pos [R, C]`` (logging: ``PreparedBatch.diagnostics``)."""
+    at = jnp.take_along_axis(pos, idx, axis=1)
+    return scatter_slots(jnp.ones(at.shape, jnp.float32), at, g_valid, length) > 0
+
+
 def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Frozen,
             timings: dict[str, float]) -> tuple[PreparedBatch, dict[str, Pair], GenerationResult]:
     """OPD's batch plus the detector's classification and (TOPD) guidance rows; see the module doc."""
@@ -461,4 +468,7 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     if cfg.uses_guidance:
         batch.update(guidance_batch(cfg, batch, slots, idx, g_valid, conts, k_guide, frozen, timings))
         metrics["guided_points_per_rollout"] = (sums["guided"], rows_n)
-    return PreparedBatch(batch, precomputed), metrics, gen
+    diagnostics = {"token_loss": loss}  # for the trainer's label metrics (train.labels), not the step
+    if cfg.uses_guidance:
+        diagnostics["guided"] = guided_mask(pos, idx, g_valid, loss.shape[1])
+    return PreparedBatch(batch, precomputed, diagnostics), metrics, gen

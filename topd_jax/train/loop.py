@@ -19,7 +19,15 @@ optimised objective), ``opd_loss`` (L_OPD_w), ``traj_loss`` (L_traj, TOPD), ``to
 candidates marked as false alarms (q by definition under the quantile rule), ``suppressed_fraction``, ``divergence`` — mean D_t
 over candidates, ``local_ot`` — the same for the OT detector, ``guided_points_per_rollout``),
 and timing: ``time_sampling``, ``time_scoring``, ``time_update``, ``time_step`` (s),
-``tokens_per_s`` (completion tokens / step time).
+``tokens_per_s`` (completion tokens / step time). With ``logging.grad_norms_by_term``:
+``grad_norm_opd`` and ``grad_norm_traj`` (``train.step``). When the task has a labeller and
+``logging.label_metrics`` is on (opd, topd): the ``label_*`` metrics of ``train.labels``, and
+``time_label_metrics``, the seconds they took (NOT part of ``time_step``);
+``TrainResult.extras["label_example"]`` is one labelled rollout of the last step.
+
+Random numbers: step s samples with ``fold_in(key(seed), s)`` in every algorithm (the rollouts
+use that key itself: OPD and TOPD arms with one seed draw the same step-0 rollouts, review D9);
+evaluation at step s uses ``fold_in(key(eval.seed), s)``, independent of ``seed``.
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ import yaml
 from flax import nnx
 from tqdm.auto import tqdm
 
-from topd_jax.algorithms import Frozen, build_objective, prepare_batch, topd
+from topd_jax.algorithms import Frozen, build_objective, build_opd_term, prepare_batch, topd
 from topd_jax.checkpoints.train_state import PreemptionFlag, TrainCheckpointer, abstract_state
 from topd_jax.data.prompts import PromptLoader
+from topd_jax.data.tasks import run_task
+from topd_jax.train import labels
 from topd_jax.sharding.hosts import any_process, fetch, is_main_process, place_rows
 from topd_jax.config.schema import RunConfig
 from topd_jax.config.loader import to_dict
@@ -53,7 +63,7 @@ from topd_jax.train.step import TrainStep
 
 log = logging.getLogger(__name__)
 # Metrics that depend on wall time, not on the computation (excluded from resume checks).
-TIMING_KEYS = ("time_sampling", "time_scoring", "time_update", "time_step", "tokens_per_s")
+TIMING_KEYS = ("time_sampling", "time_scoring", "time_update", "time_step", "tokens_per_s", "time_label_metrics")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,7 +83,8 @@ class TrainResult:
     skipped_steps: int = 0
     skipped_prompts: int = 0
     hf_dir: Path | None = None
-    extras: dict = field(default_factory=dict)  # eval_reflection: {step: ReflectionStats} (RL runs)
+    # eval_reflection: {step: ReflectionStats} (RL runs); label_example (train.labels, the last step)
+    extras: dict = field(default_factory=dict)
 
     @property
     def params(self):
@@ -96,6 +107,12 @@ def _loader(cfg: RunConfig, plan: RunPlan) -> PromptLoader:
                         shuffle=cfg.data.shuffle, epochs=cfg.data.epochs)
 
 
+def evaluation_key(cfg: RunConfig) -> jax.Array:
+    """The base key of every evaluation (step s: ``fold_in(key, s)``): ``eval.seed``'s, not the
+    run's ``seed``, so arms with different seeds are evaluated with the same random numbers."""
+    return jax.random.key(cfg.eval.seed)
+
+
 def _row(step: int, out: dict, prep: dict, timings: dict, completion_tokens: float) -> dict[str, float]:
     row = {"step": float(step)}
     row.update(reduce_pairs({k: (tuple(v) if isinstance(v, (tuple, list)) else v) for k, v in out.items()}))
@@ -103,6 +120,8 @@ def _row(step: int, out: dict, prep: dict, timings: dict, completion_tokens: flo
     for k in ("sampling", "scoring", "update"):
         row[f"time_{k}"] = timings.get(k, 0.0)
     row["time_step"] = timings["step"]
+    if "label_metrics" in timings:
+        row["time_label_metrics"] = timings["label_metrics"]
     row["tokens_per_s"] = completion_tokens / max(timings["step"], 1e-9)
     return row
 
@@ -148,8 +167,11 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     frozen = Frozen(teacher, head, plan.text.eos_ids, plan.text.pad_id, text=plan.text,
                     format_prompt=plan.format_prompt, ot_table=ot_table)
     loss_fn, normalize = build_objective(cfg, graphdef, rollout_len(cfg))
+    by_term = cfg.logging.grad_norms_by_term  # D11: one extra backward pass unless fused (train.step)
     step_fn = TrainStep(loss_fn, tx, schedule, shardings, mesh, micro_batches=cfg.optim.micro_batches,
-                        normalize=normalize, updates=cfg.grpo.updates_per_batch if cfg.is_rl else 1)
+                        normalize=normalize, updates=cfg.grpo.updates_per_batch if cfg.is_rl else 1,
+                        grad_norms_by_term=by_term,
+                        opd_term_fn=build_opd_term(cfg, graphdef, rollout_len(cfg)) if by_term else None)
     ckpt = TrainCheckpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     history: list[dict[str, float]] = []
@@ -176,7 +198,10 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
                 log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
     start = int(state.step)
     rows_per_eval_batch = cfg.data.prompts_per_step
-    eval_key = jax.random.fold_in(state.key(), 2**31 - 1)
+    eval_key = evaluation_key(cfg)
+    labeller = run_task(cfg).labeller
+    with_labels = labels.enabled(cfg, labeller)
+    label_example: dict[str, Any] = {}
     eval_reflection: dict[int, Any] = {}  # step -> rewards.reflection.ReflectionStats (this run's evals)
 
     def run_eval(step: int) -> None:
@@ -227,12 +252,17 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             model = nnx.merge(graphdef, state.params)
             batch, prep, gen = prepare_batch(cfg, model, prompts, jax.random.fold_in(state.key(), step), frozen,
                                              timings)
+            if with_labels:  # before the update: OPD's ℓ_t is that of the sampling params
+                t_labels = time.perf_counter()
+                label_pairs, label_example = labels.label_metrics(cfg, labeller, prompts, batch, model, frozen)
+                prep = {**prep, **label_pairs}
+                timings["label_metrics"] = time.perf_counter() - t_labels
             del model
             t1 = time.perf_counter()
             state, out = step_fn(state, batch, frozen.teacher_head)
             out = jax.device_get(out)
             timings["update"] = time.perf_counter() - t1
-            timings["step"] = time.perf_counter() - t0
+            timings["step"] = time.perf_counter() - t0 - timings.get("label_metrics", 0.0)
             row = _row(step + 1, out, prep, timings, float(fetch(gen.lengths).sum()))
             history.append(row)
             acc.add({k: v for k, v in row.items() if k != "step"})
@@ -275,7 +305,9 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
     if cfg.checkpoint.export_hf and not preempted:
         hf_dir = export_hf(model, out_dir / "student_hf", plan)
     return TrainResult(out_dir, history, evals, state, model, final, preempted, skipped_total,
-                       plan.skipped_prompts, hf_dir, extras={"eval_reflection": eval_reflection})
+                       plan.skipped_prompts, hf_dir,
+                       extras={"eval_reflection": eval_reflection,
+                               **({"label_example": label_example} if label_example else {})})
 
 
 def wandb_init(cfg: RunConfig, out_dir: Path) -> dict[str, Any] | None:
