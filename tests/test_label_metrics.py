@@ -265,3 +265,20 @@ def test_without_an_l_traj_term_grad_norm_opd_is_the_gradient_norm_and_traj_is_z
     with pytest.raises(ConfigError, match="logging.grad_norms_by_term"):
         load_config(None, ["algorithm=warmup", "logging.grad_norms_by_term=true", "student.preset=tiny",
                            "teacher.preset=tiny", "data.source=synthetic"])
+
+
+def test_the_cli_prepares_the_labelled_models_for_the_labelled_source(monkeypatch):
+    from topd_jax.demos import demo, labelled_demo
+    from topd_jax.train.__main__ import prepare_embedded_models
+
+    calls = []
+    monkeypatch.setattr(labelled_demo, "prepare_labelled_models",
+                        lambda cfg, *, progress, log: calls.append(("labelled", progress)) or ("s", "t"))
+    monkeypatch.setattr(demo, "prepare_demo_models", lambda cfg: calls.append(("demo",)) or ("ds", "dt"))
+    models = ["student.preset=tiny", "teacher.preset=tiny"]
+    assert prepare_embedded_models(load_config(None, ["data.source=labelled", "logging.progress_bar=false",
+                                                      *models])) == ("s", "t")
+    assert prepare_embedded_models(load_config(None, ["data.source=synthetic", *models])) == ("ds", "dt")
+    given = load_config(None, ["data.source=labelled", "student.path=/m/s", "teacher.path=/m/t"])
+    assert prepare_embedded_models(given) == ("/m/s", "/m/t")
+    assert calls == [("labelled", False), ("demo",)]
