@@ -443,6 +443,60 @@ class ColdStartConfig(_Checked):
                                        "batch (paper: 15k of 45k)", _unit)
 
 
+@dataclass(frozen=True)
+class LabelledConfig(_Checked):
+    """The labelled task's models (topd_jax.demos.labelled_demo, data.source=labelled): the
+    recipe (every field is in the cache key) and the gates the models must pass before a
+    comparison (TOPD_REVIEW §4.3). Sizes come from teacher/student; demo.cache_dir applies."""
+    teacher_steps: int = opt(2500, "supervised steps of the teacher", _nonneg)
+    teacher_lr: float = opt(1e-2, "teacher learning rate (5 % warm-up, then constant)", _positive)
+    teacher_slip_rate: float = opt(0.6, "share of teacher solutions with planted slips, each "
+                                   "repaired by 'wait fix <line>' (the wrong value is no target)",
+                                   _unit)
+    teacher_max_slips: int = opt(2, "most planted slips per teacher solution (1..this many, "
+                                 "uniform)", _positive)
+    teacher_slip_kind: Literal["unreduced", "random"] = opt(
+        "unreduced", "the planted slips (teacher data and the recovery gate): unreduced = the "
+        "result without its mod p (the student's misconception, see student_confusion; a value "
+        ">= p the teacher can tell is wrong); random = a random wrong residue (the tiny teachers "
+        "did not learn to detect these: recovery 0-36 %)")
+    decision_weight: float = opt(10.0, "teacher loss weight of the token after each result "
+                                 "value ('wait' vs going on): the comparison recovery needs is "
+                                 "a small share of the tokens and is not learned at weight 1",
+                                 _positive)
+    student_steps: int = opt(3000, "supervised steps of the student (until its greedy accuracy "
+                             "plateaus: see curve_every)", _nonneg)
+    student_lr: float = opt(1e-2, "student learning rate (5 % warm-up, then constant)", _positive)
+    student_slip_rate: float = opt(0.5, "share of student solutions with an unrepaired slip", _unit)
+    student_confusion: float = opt(0.7, "probability that a '+' or '*' step of a student "
+                                   "solution is written without its mod p (a systematic "
+                                   "misconception, never repaired: above 0.5 the fully trained "
+                                   "student's greedy answer is wrong wherever the raw result is "
+                                   ">= p, so its accuracy plateaus well below the teacher's)", _unit)
+    batch_size: int = opt(32, "sequences per supervised step", _positive)
+    curve_every: int = opt(500, "greedy accuracy measured every this many steps while training "
+                           "(the accuracy-vs-steps curve in demo_meta.json; 0: off)", _nonneg)
+    min_teacher_accuracy: float = opt(0.95, "gate: teacher greedy accuracy on held-out problems",
+                                      _unit)
+    min_teacher_recovery: float = opt(0.9, "gate: teacher recovery rate on planted slips", _unit)
+    max_teacher_spurious: float = opt(0.05, "gate: share of the teacher's greedy solutions with "
+                                      "a 'wait' after a correct value", _unit)
+    student_accuracy_range: tuple[float, ...] = opt((0.2, 0.6), "gate: [low, high] of the "
+                                                     "student's greedy accuracy (room for OPD)",
+                                                     _unit)
+    max_student_recovery: float = opt(0.05, "gate: student recovery rate (it must lack recovery)",
+                                      _unit)
+    plateau_tolerance: float = opt(0.05, "gate: the student's greedy accuracy changed by at "
+                                   "most this much over its last curve interval (past its "
+                                   "warm-up jump)", _unit)
+
+    def _validate(self):
+        r = self.student_accuracy_range
+        if len(r) != 2 or r[0] > r[1]:
+            raise ConfigError("student_accuracy_range", f"must be [low, high] with low <= high, "
+                              f"got {r!r}")
+
+
 Algorithm = Literal["opd", "topd", "warmup", "grpo", "tapo", "sft"]
 RL_ALGORITHMS = ("grpo", "tapo")
 
@@ -475,6 +529,7 @@ class RunConfig(_Checked):
     eval: EvalConfig = section(EvalConfig, "evaluation hook")
     demo: DemoConfig = section(DemoConfig, "embedded demo stages")
     cold_start: ColdStartConfig = section(ColdStartConfig, "GRPO/TAPO demo: cold-start SFT")
+    labelled: LabelledConfig = section(LabelledConfig, "labelled task: model recipe and gates")
 
     def _validate(self):
         for name in ("student", "teacher") if self.needs_teacher else ("student",):

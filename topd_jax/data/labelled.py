@@ -139,22 +139,47 @@ def _line_words(problem: Problem, step: int, x: int, value: int, rng: np.random.
     return [s.var, "=", str(a), s.op, str(b), "=", str(value)]
 
 
+SLIP_KINDS = ("random", "unreduced")
+
+
+def _raw_op(op: str, x: int, c: int) -> int:
+    return x + c if op == "+" else x - c if op == "-" else x * c
+
+
+def unreduced_slip(op: str, x: int, c: int, modulus: int) -> int:
+    """The wrong value of a forgotten ``mod p``: the raw ``x op c`` when it is a number token
+    (0..99) other than the right residue, else the right residue + p (always >= p: wrong)."""
+    raw, v = _raw_op(op, x, c), apply_op(op, x, c, modulus)
+    return raw if raw != v and 0 <= raw < 100 else v + modulus
+
+
 def render_words(problem: Problem, rng: np.random.Generator, style: LabelledStyle, *,
-                 slip_step: int | None = None, recover: bool = False,
+                 slip_step: int | Sequence[int] | None = None, recover: bool = False,
+                 slip_kind: str = "random", confused: Sequence[int] = (),
                  phrases: Sequence[Sequence[str]] = PHRASES) -> tuple[list[str], list[bool]]:
     """One solution as ``(words, trainable)``, both ``[num_words]``.
 
-    ``slip_step``: the step (0-based) whose result is wrong (any nonzero offset), or None.
-    ``recover``: the slip is followed by ``wait fix`` + the correct line and the chain
-    continues correctly; the wrong value is then not trainable (``trainable[i] = False``).
+    ``slip_step``: the step (0-based) whose result is wrong (any nonzero offset), several
+    such steps (a sequence), or None.
+    ``recover``: every slip is followed by ``wait fix`` + the correct line and the chain
+    continues correctly; the wrong values are then not trainable (``trainable[i] = False``).
     Without ``recover`` every later step is computed from the wrong value (derailed).
+    ``slip_kind``: ``"random"`` (a uniformly drawn wrong residue) or ``"unreduced"`` (the
+    result without the ``mod p``: ``unreduced_slip``).
+    ``confused``: steps (not slipped) written without the ``mod p`` reduction (the raw
+    ``x op c`` when it is a number token 0..99; a misconception, never repaired, the chain goes
+    on from that value; it is right when the raw result is already below p).
     """
+    if slip_kind not in SLIP_KINDS:
+        raise ValueError(f"slip_kind must be one of {SLIP_KINDS}, got {slip_kind!r}")
     _check_phrases(phrases)
     if len(style.phrase_probs) != len(phrases):
         raise ValueError(f"style has {len(style.phrase_probs)} phrase probabilities for "
                          f"{len(phrases)} phrases")
-    if slip_step is not None and not 0 <= slip_step < len(problem.steps):
-        raise ValueError(f"slip_step={slip_step} outside 0..{len(problem.steps) - 1}")
+    slips = set() if slip_step is None else ({int(slip_step)} if np.isscalar(slip_step)
+                                             else {int(i) for i in slip_step})
+    if bad := [i for i in sorted(slips) if not 0 <= i < len(problem.steps)]:
+        raise ValueError(f"slip_step={slip_step} has steps {bad} outside 0..{len(problem.steps) - 1}")
     p = problem.modulus
     words, trainable = [], []
     x = problem.start
@@ -164,8 +189,9 @@ def render_words(problem: Problem, rng: np.random.Generator, style: LabelledStyl
             words += list(phrase)
             trainable += [True] * len(phrase)
         v = apply_op(s.op, x, s.const, p)
-        if i == slip_step:
-            wrong = (v + int(rng.integers(1, p))) % p
+        if i in slips:
+            wrong = (unreduced_slip(s.op, x, s.const, p) if slip_kind == "unreduced"
+                     else (v + int(rng.integers(1, p))) % p)
             words += _line_words(problem, i, x, wrong, rng, style)
             trainable += [True] * 6 + [not recover]
             if recover:
@@ -174,6 +200,8 @@ def render_words(problem: Problem, rng: np.random.Generator, style: LabelledStyl
             else:
                 v = wrong
         else:
+            if i in confused:
+                v = raw if 0 <= (raw := _raw_op(s.op, x, s.const)) < 100 else v
             words += _line_words(problem, i, x, v, rng, style)
             trainable += [True] * 7
         x = v
@@ -182,24 +210,43 @@ def render_words(problem: Problem, rng: np.random.Generator, style: LabelledStyl
     return words, trainable
 
 
+def planted_slips(problem: Problem, rng: np.random.Generator, slip_rate: float,
+                  max_slips: int = 1) -> list[int]:
+    """The steps that slip in one teacher solution: with probability ``slip_rate``, between 1
+    and ``min(max_slips, num_steps)`` distinct steps (uniform count, uniform steps); else none."""
+    if max_slips < 1:
+        raise ValueError(f"max_slips must be >= 1, got {max_slips}")
+    if rng.random() >= slip_rate:
+        return []
+    n = len(problem.steps)
+    k = int(rng.integers(1, min(max_slips, n) + 1))
+    return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+
+
 def teacher_solution(problem: Problem, rng: np.random.Generator, *, slip_rate: float = 0.3,
-                     recovery: bool = True, style: LabelledStyle = TEACHER_STYLE,
+                     max_slips: int = 1, slip_kind: str = "random", recovery: bool = True,
+                     style: LabelledStyle = TEACHER_STYLE,
                      phrases: Sequence[Sequence[str]] = PHRASES) -> tuple[str, list[bool]]:
-    """Teacher data: a planted slip with probability ``slip_rate``, repaired when
-    ``recovery`` (the slipped value masked out of training); otherwise correct.
-    Returns ``(text, trainable [num_words])``."""
-    slip = int(rng.integers(len(problem.steps))) if rng.random() < slip_rate else None
-    words, trainable = render_words(problem, rng, style, slip_step=slip,
-                                    recover=recovery and slip is not None, phrases=phrases)
+    """Teacher data: planted slips (``planted_slips``: with probability ``slip_rate``, 1 to
+    ``max_slips`` steps), each repaired when ``recovery`` (the slipped values masked out of
+    training); otherwise correct. Returns ``(text, trainable [num_words])``."""
+    slips = planted_slips(problem, rng, slip_rate, max_slips)
+    words, trainable = render_words(problem, rng, style, slip_step=slips, slip_kind=slip_kind,
+                                    recover=recovery and bool(slips), phrases=phrases)
     return " ".join(words), trainable
 
 
 def student_solution(problem: Problem, rng: np.random.Generator, *, slip_rate: float = 0.5,
-                     style: LabelledStyle = STUDENT_STYLE,
+                     confusion: float = 0.0, style: LabelledStyle = STUDENT_STYLE,
                      phrases: Sequence[Sequence[str]] = PHRASES) -> tuple[str, list[bool]]:
-    """Student data: a slip with probability ``slip_rate``, never repaired (derails)."""
+    """Student data: a slip (a random wrong residue) with probability ``slip_rate``, never
+    repaired (derails); each ``+`` and ``*`` step is written without the ``mod p`` reduction
+    with probability ``confusion`` (a misconception: above 0.5 the student's greedy solution is
+    wrong wherever the raw result is >= p)."""
     slip = int(rng.integers(len(problem.steps))) if rng.random() < slip_rate else None
-    words, trainable = render_words(problem, rng, style, slip_step=slip, phrases=phrases)
+    confused = [i for i, st in enumerate(problem.steps) if st.op != "-" and rng.random() < confusion]
+    words, trainable = render_words(problem, rng, style, slip_step=slip, confused=confused,
+                                    phrases=phrases)
     return " ".join(words), trainable
 
 

@@ -13,7 +13,7 @@ column t - 1 predict ``input_ids[:, t]``), the trainer's ``ids`` / ``seq_mask`` 
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,20 +34,29 @@ SFT_SPEC = LossSpec(kind="ce")  # what ``algorithm=sft`` trains
 
 def sft_rows(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """The demo batch as the trainer's supervised rows (``algorithms.sft.rows``' layout):
-    ``ids``, ``seq_mask``, ``loss_mask`` and unit ``weights``, all ``[B, T]``."""
+    ``ids``, ``seq_mask``, ``loss_mask`` and ``weights``, all ``[B, T]``; ``weights`` is the
+    batch's ``"weights"`` (per-target loss weights, aligned with ``loss_mask``) when it has
+    one, else ones."""
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
+    weights = (jnp.asarray(batch["weights"], jnp.float32) if "weights" in batch
+               else jnp.ones(ids.shape, jnp.float32))
+    if weights.shape != ids.shape:
+        raise ValueError(f"batch weights {weights.shape} and input_ids {ids.shape} differ")
     return {"ids": ids, "seq_mask": jnp.asarray(batch["attention_mask"], bool),
-            "loss_mask": jnp.asarray(batch["loss_mask"], bool), "weights": jnp.ones(ids.shape, jnp.float32)}
+            "loss_mask": jnp.asarray(batch["loss_mask"], bool), "weights": weights}
 
 
 def train_sft(model: Qwen, batches: Iterator[Mapping[str, np.ndarray]], *, steps: int,
               optim: OptimConfig, desc: str = "sft", progress: bool = True,
-              log_every: int = 25) -> tuple[Qwen, list[float]]:
+              log_every: int = 25, hook: Callable[[int, Qwen], None] | None = None,
+              hook_every: int = 0) -> tuple[Qwen, list[float]]:
     """``steps`` updates of the ``algorithm=sft`` objective on ``batches``; returns (model, losses).
 
     ``losses[i]`` is the token-mean CE over steps ``[i * log_every, (i + 1) * log_every)``
     (the last window may be shorter). The input model is left unchanged (a new one is
-    returned): the step donates a copy of its parameters.
+    returned): the step donates a copy of its parameters. ``hook(step, model)`` is called
+    after every ``hook_every``-th update (``step`` counts updates; not after the last one
+    unless it is a multiple), e.g. to measure an accuracy curve.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -70,5 +79,7 @@ def train_sft(model: Qwen, batches: Iterator[Mapping[str, np.ndarray]], *, steps
                 losses.append(float(window_sum / jnp.maximum(window_count, 1.0)))
                 window_sum, window_count = jnp.zeros(()), jnp.zeros(())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if hook is not None and hook_every and (i + 1) % hook_every == 0:
+                hook(i + 1, nnx.merge(graphdef, state.params))
     bar.close()
     return nnx.merge(graphdef, state.params), losses
