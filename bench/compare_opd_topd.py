@@ -94,6 +94,8 @@ from topd_jax.train.setup import load_model, plan_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_YAML = {"labelled": ROOT / "topd_jax" / "configs" / "labelled.yaml", "synthetic": ROOT / "configs" / "demo.yaml"}
+if not TASK_YAML["labelled"].is_file() and (ROOT / "configs" / "labelled.yaml").is_file():
+    TASK_YAML["labelled"] = ROOT / "configs" / "labelled.yaml"
 # Until topd_jax/configs/labelled.yaml exists: the demo config on the labelled task (review §4.6 sizes).
 LABELLED_FALLBACK = ["data.source=labelled", "rollout.max_new_tokens=40", "eval.max_new_tokens=40",
                      "topd.window=12", "topd.num_candidates=3", "topd.min_separation=3"]
@@ -128,15 +130,17 @@ def prepare_models(task: str, base_cfg) -> tuple[str, str]:
 
 
 def gate_report(task: str, base_cfg, student_dir: str, teacher_dir: str) -> dict:
-    """``{"passed": bool | None, "detail": ...}`` for the labelled recipe's gates (None: the
-    task has none)."""
+    """``{"passed": bool | None, "failed": [...], "gates": {...}}``: the labelled recipe's gates
+    (``demos.labelled_demo.check_gates``, thresholds ``cfg.labelled``) of the two models;
+    ``passed`` None: the task has none."""
     if task != "labelled":
-        return {"passed": None, "detail": "the plain synthetic task has no recipe gates"}
-    try:  # TODO(H1): the gate check lands in demos.labelled_demo
-        from topd_jax.demos.labelled_demo import check_gates
-    except ImportError:
-        return {"passed": None, "detail": "demos.labelled_demo.check_gates is not available"}
-    return check_gates(base_cfg, student_dir, teacher_dir)
+        return {"passed": None, "failed": [], "gates": "the plain synthetic task has no recipe gates"}
+    from topd_jax.demos.demo import read_meta
+    from topd_jax.demos.labelled_demo import check_gates
+    t_meta, s_meta = read_meta(teacher_dir), read_meta(student_dir)
+    failed = check_gates(base_cfg, t_meta, s_meta)
+    return {"passed": not failed, "failed": failed,
+            "gates": {"teacher": (t_meta or {}).get("gates"), "student": (s_meta or {}).get("gates")}}
 
 
 # ---------------------------------------------------------------- runs
@@ -158,6 +162,12 @@ class FirstRollouts:
 def _history_mean(history: list[dict], key: str) -> float | None:
     v = [r[key] for r in history if key in r and math.isfinite(r[key])]
     return float(np.mean(v)) if v else None
+
+
+def _first_last(history: list[dict], key: str, share: float = 0.1) -> list[float | None]:
+    """Means of ``key`` over the first and the last ``share`` of the steps (at least one each)."""
+    k = max(1, round(share * len(history)))
+    return [_history_mean(history[:k], key), _history_mean(history[-k:], key)]
 
 
 def run_arm(arm: str, seed: int, *, task_yaml, task_overrides: list[str], user_overrides: list[str], steps: int,
@@ -184,7 +194,7 @@ def run_arm(arm: str, seed: int, *, task_yaml, task_overrides: list[str], user_o
            "grad_norm_opd": _history_mean(h, "grad_norm_opd"), "grad_norm_traj": _history_mean(h, "grad_norm_traj"),
            "grad_norm": _history_mean(h, "grad_norm"),
            "labels": {k: _history_mean(h, k) for k in sorted({k for r in h for k in r if k.startswith("label_")})},
-           "labels_first_last": {k: [h[0].get(k), h[-1].get(k)] for k in ("label_true_surface_share", "label_auroc")},
+           "labels_first_last": {k: _first_last(h, k) for k in ("label_true_surface_share", "label_auroc")},
            "config": to_dict(cfg),
            "history": [{k: (v if math.isfinite(v) else None) for k, v in r.items()} for r in h]}
     return row, result.model, plan
@@ -241,14 +251,22 @@ def machine() -> dict:
 
 def extra_table(runs: list[dict], arms: list[str]) -> str:
     """Slips in the sampled evaluation, timing, and the step-0 rollout hashes per arm."""
-    lines = ["| arm | slip rate (%) | slipped but correct (%) | steps x median step (s) | label-metric time (s) | "
-             "step-0 rollout hash per seed |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | slip rate (%) | slipped but correct (%) | true surface share, first → last 10 % of steps (%) | "
+             "AUROC, first → last 10 % | steps x median step (s) | label-metric time (s) | "
+             "step-0 rollout hash per seed |", "|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         rs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
         if not rs:
             continue
         rep = [r["slip_repaired"] for r in rs if r["slip_repaired"] is not None]
+        fl = {}
+        for k, scale, fmt in (("label_true_surface_share", 100, ".1f"), ("label_auroc", 1, ".3f")):
+            ends = [[r["labels_first_last"][k][i] for r in rs if r["labels_first_last"][k][i] is not None]
+                    for i in (0, 1)]
+            fl[k] = (f"{scale * np.mean(ends[0]):{fmt}} → {scale * np.mean(ends[1]):{fmt}}"
+                     if ends[0] and ends[1] else "n/a")
         cells = [f"{100 * np.mean([r['slip_rate'] for r in rs]):.1f}", f"{100 * np.mean(rep):.1f}" if rep else "n/a",
+                 fl["label_true_surface_share"], fl["label_auroc"],
                  f"{np.mean([r['steady_s'] for r in rs]):.0f}", f"{np.mean([r['label_metrics_s'] for r in rs]):.0f}",
                  " ".join(f"s{r['seed']}:{r['rollouts0']}" for r in rs)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -298,9 +316,12 @@ def main() -> None:
     base = load_config(task_yaml, task_overrides + list(args.overrides))
     dirs = prepare_models(args.task, base)
     gates = gate_report(args.task, base, *dirs)
-    print(f"models: student {dirs[0]}, teacher {dirs[1]}; gates: {gates}", flush=True)
+    failed = "; ".join(f"{f['gate']}={f['value']} (target {f['target']})" for f in gates["failed"])
+    verdict = {None: "no gates", True: "all gates pass", False: f"gates FAIL: {failed}"}[gates["passed"]]
+    print(f"models: student {dirs[0]}, teacher {dirs[1]}; {verdict}", flush=True)
     if gates["passed"] is False and not args.allow_ungated:
-        sys.exit(f"the models fail the labelled recipe's gates ({gates}); retrain them or pass --allow-ungated")
+        sys.exit(f"refusing to compare on models that fail the labelled recipe's gates ({failed}); retrain "
+                 f"them (demos.labelled_demo) or pass --allow-ungated")
     # The prepared checkpoints' vocabulary (the labelled models pad to 144 ids) for the run specs.
     vocab = {"student": _checkpoint_vocab(dirs[0]), "teacher": _checkpoint_vocab(dirs[1])}
     common = dict(task_yaml=task_yaml, task_overrides=task_overrides, user_overrides=list(args.overrides),
@@ -347,7 +368,8 @@ def main() -> None:
     print(f"\n{args.task} task, {args.steps} steps, seeds {args.seeds}, eval {len(eval_examples)} prompts x "
           f"{args.eval_samples} samples at T={args.eval_temperature} + greedy; {m0['processor']}, {m0['cpus']} CPUs, "
           f"load average {m0['loadavg'][0]:.1f} at the start, {m1['loadavg'][0]:.1f}/{m1['loadavg'][1]:.1f}/"
-          f"{m1['loadavg'][2]:.1f} at the end; total {meta['elapsed_s'] / 60:.1f} min\n")
+          f"{m1['loadavg'][2]:.1f} at the end; total {meta['elapsed_s'] / 60:.1f} min; models: {verdict}"
+          f"{' (--allow-ungated)' if gates['passed'] is False else ''}\n")
     print(report(runs, before, meta))
 
 
