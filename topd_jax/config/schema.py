@@ -448,7 +448,7 @@ class LabelledConfig(_Checked):
     """The labelled task's models (topd_jax.demos.labelled_demo, data.source=labelled): the
     recipe (every field is in the cache key) and the gates the models must pass before a
     comparison (TOPD_REVIEW §4.3). Sizes come from teacher/student; demo.cache_dir applies."""
-    teacher_steps: int = opt(2500, "supervised steps of the teacher", _nonneg)
+    teacher_steps: int = opt(5000, "supervised steps of the teacher", _nonneg)
     teacher_lr: float = opt(1e-2, "teacher learning rate (5 % warm-up, then constant)", _positive)
     teacher_slip_rate: float = opt(0.6, "share of teacher solutions with planted slips, each "
                                    "repaired by 'wait fix <line>' (the wrong value is no target)",
