@@ -6,14 +6,18 @@ of TOPD_REVIEW §4.3 measured into ``demo_meta.json``.
 The recipe is the ``labelled`` config section (every field of it is in the cache key). The
 teacher is trained on teacher-style solutions in which planted slips (``teacher_slip_rate``, 1 to
 ``teacher_max_slips`` per solution) are repaired by ``wait fix <line>`` (the slipped values are
-not training targets), with the token after every result value -- ``wait`` or going on, the
-comparison of the written value with the recomputed one -- weighted ``decision_weight`` in the
-loss: at weight 1 the tiny teachers only learned the base rate of ``wait`` (P(wait) ~0.4 after
-right and wrong values alike, recovery 0-36 %). The student is trained on student-style
-solutions whose slips are never repaired and whose ``*`` steps are computed as ``+`` with
-probability ``student_confusion`` (a misconception: its accuracy plateaus well below the
-teacher's instead of reaching it once past its warm-up jump). Sizes come from ``cfg.teacher``/``cfg.student``, with
-``vocab_size`` raised to ``VOCAB_SIZE`` (the 130 words of ``LabelledTokenizer``).
+not training targets), with the token after every result value (``wait`` or going on) weighted
+``decision_weight`` in the loss. The slips are ``teacher_slip_kind``: ``unreduced`` (the result
+without its ``mod p``, a value >= p the teacher can see is wrong) by default. With random wrong
+residues the tiny teachers (3-5 layers, 800-2000 steps, decision weight 1-20) never learned to
+compare the written value with the recomputed one: teacher-forced P(wait) was ~0.2-0.45 after
+right and wrong values alike (slightly *higher* after right ones), recovery 0-36 %. The student
+is trained on student-style solutions whose slips (random residues) are never repaired and whose
+``+``/``*`` steps are written without their ``mod p`` with probability ``student_confusion`` (a
+misconception: its accuracy plateaus well below the teacher's instead of reaching it once past
+its warm-up jump; the teacher repairs exactly these). Sizes come from
+``cfg.teacher``/``cfg.student``, with ``vocab_size`` raised to ``VOCAB_SIZE`` (the 130 words of
+``LabelledTokenizer``).
 
 The gates (recorded in ``demo_meta.json``; ``check_gates`` names the failing ones, callers
 refuse ungated models with ``require_gates``): the teacher's greedy accuracy, its recovery rate
