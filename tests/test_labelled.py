@@ -187,3 +187,24 @@ def test_label_rollouts_in_trainer_layout():
     assert (out["labels"][1] == N).all() and out["correct"].tolist() == [False, False]
     with pytest.raises(ValueError, match="one \\[B, L\\] batch"):
         L.label_rollouts([P], ids, cmask, tok.vocab)
+
+
+def test_unreduced_slips_are_the_raw_result_or_the_residue_plus_p_and_label_as_slips():
+    assert [L.unreduced_slip("+", 5, 6, 7), L.unreduced_slip("*", 3, 5, 7)] == [11, 15]
+    assert [L.unreduced_slip("+", 1, 2, 7), L.unreduced_slip("-", 1, 3, 7)] == [10, 12]  # raw == v / raw < 0
+    p = L.parse_problem("a = 5 ; b = a + 6 ; c = b * 3 ; ? c")
+    words, trainable = L.render_words(p, np.random.default_rng(0), L.TEACHER_STYLE, slip_step=[0, 1],
+                                      slip_kind="unreduced", recover=True)
+    assert [w for w, t in zip(words, trainable) if not t] == ["11", "12"]  # 5 + 6; 4 * 3
+    lab = L.label_words(p, words + [L.EOS])
+    assert lab.correct and lab.slipped.sum() == 2 and not lab.spurious.any()
+
+
+def test_student_confusion_writes_plus_and_times_steps_unreduced_and_derails():
+    p = L.parse_problem("a = 5 ; b = a + 6 ; c = b - 3 ; ? c")
+    text, _ = L.student_solution(p, np.random.default_rng(0), slip_rate=0.0, confusion=1.0)
+    words = text.split()
+    assert words[words.index("=", 2) + 1] == "11"  # b = 5 + 6 = 11 (not 4)
+    lab = L.label_words(p, words + [L.EOS])
+    assert lab.slipped.sum() == 1 and not lab.correct  # the label parser: derailed after 11
+    assert text.endswith("answer 1")  # 11 - 3 = 8 = 1 mod 7: congruent, the answer is still right
