@@ -59,7 +59,8 @@ from topd_jax.demos import demo, labelled_demo  # noqa: E402
 from topd_jax.eval.detector_roc import OtVariant, detector_roc  # noqa: E402
 from topd_jax.models import load_pretrained  # noqa: E402
 
-DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "topd_jax" / "configs"
+TASK_YAML = {"demo": CONFIGS / "demo.yaml", "labelled": CONFIGS / "labelled.yaml"}  # the cached models' own configs
 OT_VARIANTS = [
     OtVariant("ot sinkhorn eps=.05 (default)", "student", "sinkhorn", 0.05, "fresh"),
     OtVariant("ot + rollout suffix", "student", "sinkhorn", 0.05, "suffix"),
@@ -90,11 +91,11 @@ def main(argv=None) -> int:
                     help="demo: one-word connectives (the demo models); labelled: data.labelled.PHRASES")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/detector_roc")
-    ap.add_argument("overrides", nargs="*", help="config overrides of configs/demo.yaml")
+    ap.add_argument("overrides", nargs="*", help="config overrides of the task's config (topd_jax/configs/demo.yaml or labelled.yaml)")
     args = ap.parse_args(argv)
     ks = sorted(int(k) for k in args.ks.split(","))
     t_start = time.perf_counter()
-    cfg = load_config(DEMO_YAML, args.overrides)
+    cfg = load_config(TASK_YAML[args.task], args.overrides)
     if args.student and args.teacher:
         student_dir, teacher_dir = args.student, args.teacher
     elif args.task == "labelled":
