@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from tests._train_tiny import SMALL, tiny_config, tiny_pair_and_prompts
-from topd_jax.algorithms import Frozen, LossSpec, make_loss_fn, prepare_batch
+from topd_jax.algorithms import Frozen, LossSpec, build_opd_term, make_loss_fn, prepare_batch
 from topd_jax.algorithms.objective import add_normalizers
 from topd_jax.algorithms.scoring import forward_hidden, token_divergences, token_logprobs
 from topd_jax.algorithms.topd import candidate_slots, student_suffix_rows, suffix_windows
@@ -153,18 +153,23 @@ def test_updates_on_a_fixed_batch_decrease_the_loss(setup, tmp_path, name):
                          ids=["topd", "opd_suppression"])
 def test_fused_main_pass_step_equals_the_separate_detector_pass(setup, tmp_path, extra):
     """``topd.fused_main_pass``: ℓ_t from the OPD term's own forward, its gradient from the kept
-    residuals; one step must equal the step with a separate no-gradient ℓ_t pass."""
+    residuals; one step must equal the step with a separate no-gradient ℓ_t pass. Both log the
+    gradient norms by term (``logging.grad_norms_by_term``, D11): the fused step's are the norms
+    of the separately computed ∇L_OPD_w (the PrecomputedGrad) and ∇(λ·L_traj) (the rest); the
+    plain step's come from one extra backward of L_OPD_w alone and the difference."""
     mesh, s, t, prompts = setup
     results = []
     for fused in (False, True):
-        cfg = tiny_config(tmp_path, *extra, "optim.lr=1e-2", f"topd.fused_main_pass={fused}")
+        cfg = tiny_config(tmp_path, *extra, "optim.lr=1e-2", f"topd.fused_main_pass={fused}",
+                          "logging.grad_norms_by_term=true")
         assert cfg.fuses_main_pass == fused
         tx = make_optimizer(cfg.optim, 10)
         graphdef, state, shardings = create_train_state(s, tx, mesh, seed=0)
         frozen = Frozen(t, t.lm_head_weight(), (2,), 0)
         spec = LossSpec.from_config(cfg, 16)
         step = TrainStep(make_loss_fn(spec, graphdef), tx, lr_schedule(cfg.optim, 10), shardings, mesh,
-                         normalize=functools.partial(add_normalizers, spec))
+                         normalize=functools.partial(add_normalizers, spec), grad_norms_by_term=True,
+                         opd_term_fn=build_opd_term(cfg, graphdef, 16))
         with jax.set_mesh(mesh):
             batch, metrics, _ = prepare_batch(cfg, nnx.merge(graphdef, state.params), prompts,
                                               jax.random.key(3), frozen, {})
@@ -184,3 +189,84 @@ def test_fused_main_pass_step_equals_the_separate_detector_pass(setup, tmp_path,
     for key in ("token_kl", "opd_loss"):
         np.testing.assert_allclose(float(o1[key][0]) / float(o1[key][1]), float(o0[key][0]) / float(o0[key][1]),
                                    rtol=1e-5)
+    norms = [[float(o[k]) for k in ("grad_norm_opd", "grad_norm_traj", "grad_norm")] for o in (o1, o0)]
+    np.testing.assert_allclose(norms[1], norms[0], rtol=2e-4)
+    g_opd, g_traj, g_all = norms[0]
+    assert g_opd > 0 and g_all <= g_opd + g_traj + 1e-6  # the step's gradient is their sum
+    if "algorithm=topd" in extra:
+        assert g_traj > 0.01 * g_opd
+    else:  # OPD + suppression: no L_traj, the whole gradient is L_OPD_w's
+        assert g_traj == 0.0 and g_opd == pytest.approx(g_all, rel=1e-6)
+
+
+# ---- issue 13 on the same tiny pair: paired rollouts (D9) and the per-step label metrics --------
+@pytest.fixture(scope="module")
+def labelled_steps(setup, tmp_path_factory):
+    """The step-0 ``prepare_batch`` of OPD and of TOPD (kl_window, guidance) with one key, and
+    ``train.labels.label_metrics`` of each under ``_fake_labeller``: ``{algo: (batch, rollouts,
+    pairs, example)}``."""
+    from tests.test_label_metrics import _fake_labeller
+    from topd_jax.train import labels
+    from topd_jax.train.setup import TextIO
+
+    mesh, s, t, prompts = setup
+    prompts = dict(prompts, problems=["p0", "p1"])
+    text = TextIO(encode=None, decode=lambda ids: " ".join(map(str, ids)), verify=None, eos_ids=(2,), pad_id=0,
+                  vocab_size=128)
+    frozen = Frozen(t, t.lm_head_weight(), (2,), 0, text=text)
+    out = {}
+    for algo in ("opd", "topd"):
+        # The student placed and the plain ℓ_t pass, as in the VARIANTS above: their compiled
+        # programs serve here.
+        cfg = tiny_config(tmp_path_factory.mktemp(algo), f"algorithm={algo}", "topd.detector=kl_window",
+                          "topd.fused_main_pass=false", "logging.label_metrics=true")
+        graphdef, state, _ = create_train_state(s, make_optimizer(cfg.optim, 10), mesh, seed=0)
+        with jax.set_mesh(mesh):
+            model = nnx.merge(graphdef, state.params)
+            batch, _, gen = prepare_batch(cfg, model, prompts, jax.random.key(3), frozen, {})
+            out[algo] = (batch, gen) + labels.label_metrics(cfg, _fake_labeller, prompts, batch, model, frozen)
+    return out
+
+
+def test_opd_and_topd_with_one_step_key_draw_identical_rollouts(labelled_steps):
+    """Paired random numbers (review D9): the loop gives every algorithm fold_in(key(seed), step)."""
+    (opd_batch, opd_gen, *_), (topd_batch, topd_gen, *_) = labelled_steps["opd"], labelled_steps["topd"]
+    np.testing.assert_array_equal(np.asarray(opd_gen.sequences), np.asarray(topd_gen.sequences))
+    np.testing.assert_array_equal(np.asarray(opd_batch.arrays["loss_mask"]),
+                                  np.asarray(topd_batch.arrays["loss_mask"]))
+    assert np.asarray(opd_gen.lengths).sum() > 0
+
+
+def test_topd_label_metrics_equal_a_numpy_computation(labelled_steps):
+    from tests.test_label_metrics import numpy_label_metrics
+    from topd_jax.data import labelled
+    from topd_jax.train.metrics import reduce_pairs
+
+    batch, _, pairs, example = labelled_steps["topd"]
+    expect = numpy_label_metrics(batch)
+    got = reduce_pairs(pairs)
+    assert sorted(got) == sorted(expect)
+    np.testing.assert_allclose([got[k] for k in expect], list(expect.values()), rtol=1e-5, err_msg=str(got))
+    assert np.isfinite(list(expect.values())).sum() >= 8, expect  # the fake labels give most of them a value
+    n = len(example["words"])
+    assert n > 0 and all(len(example[k]) == n for k in ("labels", "token_loss", "candidate", "false_alarm", "guided"))
+    assert set(example["labels"]) <= set(labelled.LABEL_NAMES) and isinstance(example["correct"], bool)
+
+
+def test_opd_label_metrics_measure_the_surface_share_of_its_own_high_loss_candidates(labelled_steps):
+    from tests.test_label_metrics import _fake_labeller, _share
+    from topd_jax.data.labelled import FORK, RECOVERY, SURFACE
+    from topd_jax.train.metrics import reduce_pairs
+
+    got = reduce_pairs(labelled_steps["opd"][2])
+    assert sorted(got) == ["label_fork_share", "label_loss_surface_share", "label_rollout_accuracy",
+                           "label_true_surface_share"]
+    # Same params and rollouts as the TOPD arm: OPD's candidates are TOPD's before classification.
+    t_batch = labelled_steps["topd"][0]
+    mask = np.asarray(t_batch.arrays["loss_mask"])
+    cand = np.asarray(candidate_slots(t_batch.diagnostics["token_loss"], mask, mode="top_c", num=2,
+                                      min_separation=2, quantile=0.8, rollback=1)[0])
+    lab = _fake_labeller(["p"] * 4, t_batch.arrays["ids"], mask)["labels"]
+    assert 0 < cand.sum() <= 8
+    assert got["label_true_surface_share"] == pytest.approx(_share(cand & (lab == SURFACE), cand), rel=1e-6)
+    assert got["label_fork_share"] == pytest.approx(_share(cand & np.isin(lab, [FORK, RECOVERY]), cand), rel=1e-6)
