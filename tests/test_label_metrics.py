@@ -157,3 +157,14 @@ def test_the_cli_prepares_the_labelled_models_for_the_labelled_source(monkeypatc
     given = load_config(None, ["data.source=labelled", "student.path=/m/s", "teacher.path=/m/t"])
     assert prepare_embedded_models(given) == ("/m/s", "/m/t")
     assert calls == [("labelled", False), ("demo",)]
+
+
+def test_the_cli_checks_the_labelled_source_with_the_vocabulary_its_models_get(tmp_path):
+    from tests._train_tiny import tiny_config
+    from topd_jax.demos.labelled_demo import VOCAB_SIZE
+    from topd_jax.train.__main__ import validation_config
+
+    cfg = tiny_config(tmp_path, "data.source=labelled")  # vocab_size 128 < the 130 words
+    checked = validation_config(cfg)
+    assert checked.student.vocab_size == checked.teacher.vocab_size == VOCAB_SIZE >= TOK.vocab_size
+    assert checked.data == cfg.data and validation_config(tiny_config(tmp_path)).student.vocab_size == 128

@@ -106,7 +106,7 @@ def _main(argv: list[str]) -> int:
     student_path = teacher_path = None
     try:  # a missing input file is bad input (exit 2); during training it is a failure
         if embedded:
-            plan_run(cfg)  # validate everything before the (minutes-long) demo model preparation
+            plan_run(validation_config(cfg))  # everything checked before the (minutes-long) model preparation
             if cfg.is_rl:  # GRPO/TAPO demo: the cold-start student, no teacher
                 from topd_jax.demos.rl_demo import prepare_cold_start
                 student_path = prepare_cold_start(cfg)
@@ -129,6 +129,20 @@ def _main(argv: list[str]) -> int:
         demo.demo_report(cfg, result, student_dir=student_path, teacher_dir=teacher_path)
     print(summary_line(result), flush=True)
     return 0
+
+
+def validation_config(cfg):
+    """``cfg`` as ``plan_run`` should check it before an embedded task's models are prepared: the
+    labelled task's models are built with ``labelled_demo.VOCAB_SIZE`` whatever a spec without a
+    ``path`` says (e.g. the demo config with ``data.source=labelled``)."""
+    if cfg.data.source != "labelled":
+        return cfg
+    import dataclasses
+
+    from topd_jax.demos.labelled_demo import VOCAB_SIZE
+    specs = {role: dataclasses.replace(spec, vocab_size=VOCAB_SIZE)
+             for role, spec in (("student", cfg.student), ("teacher", cfg.teacher)) if spec.path is None}
+    return dataclasses.replace(cfg, **specs)
 
 
 def prepare_embedded_models(cfg) -> tuple[str, str]:

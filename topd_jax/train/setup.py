@@ -207,8 +207,10 @@ def plan_run(cfg: RunConfig, student_path: str | None = None, teacher_path: str 
             evals, _ = _load_examples(cfg.data.eval_files, fmt, text, cfg.data.max_prompt_len, "eval_files")
     for plan in (p for p in (student, teacher) if p is not None):
         if plan.config.vocab_size < text.vocab_size:
+            hint = (f" (data.source={cfg.data.source}: set {plan.role}.vocab_size >= {text.vocab_size}, or use "
+                    f"its prepared models)" if task_for(cfg.data.source).embedded and plan.path is None else "")
             raise RunSetupError(f"{plan.role}: vocab_size={plan.config.vocab_size} < the tokenizer's "
-                                f"{text.vocab_size} tokens")
+                                f"{text.vocab_size} tokens{hint}")
     if len(train) < cfg.data.prompts_per_step:
         raise RunSetupError(f"data: {len(train)} usable prompts < data.prompts_per_step={cfg.data.prompts_per_step}")
     m = cfg.mesh
