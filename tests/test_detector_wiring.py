@@ -74,8 +74,8 @@ def models():
 def test_frozen_ot_table_copies_the_initial_student_or_takes_the_teachers(tmp_path, models):
     s, t, _ = models
     s = nnx.clone(s)
-    assert frozen_ot_table(tiny_config(tmp_path, "algorithm=topd"), s, t) is None
-    initial = frozen_ot_table(tiny_config(tmp_path, "algorithm=topd", "topd.ot_embedding=student_initial"), s, t)
+    assert frozen_ot_table(tiny_config(tmp_path, "algorithm=topd", "topd.ot_embedding=student"), s, t) is None
+    initial = frozen_ot_table(tiny_config(tmp_path, "algorithm=topd"), s, t)  # the default: student_initial
     before = np.asarray(s.embedding_table()).copy()
     s.embed[...] = s.embed[...] + 1.0  # training moves the student's table; the copy stays
     np.testing.assert_array_equal(initial, before)

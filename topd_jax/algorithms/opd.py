@@ -31,7 +31,7 @@ class Frozen:
     pad_id: int
     text: Any = None         # train.setup.TextIO: decode + verify (GRPO/TAPO rewards)
     format_prompt: Any = None  # problem text -> model input text (the data template; TAPO)
-    ot_table: Any = None     # [V, d] frozen OT embedding table (topd.ot_embedding); None: the student's
+    ot_table: Any = None     # [V, d] frozen OT table (topd.ot_embedding; train.loop passes topd.frozen_ot_table); None: the current student's
 
 
 def timed(timings: dict[str, float], name: str, fn, *args, **kwargs):

@@ -248,9 +248,10 @@ class TopdConfig(_Checked):
         "eps*ln K), sinkhorn_divergence (debiased: OT(a,b) - OT(a,a)/2 - OT(b,b)/2, 0 for "
         "identical windows), exact (SciPy assignment / LP on the host)")
     ot_embedding: Literal["student", "student_initial", "teacher"] = opt(
-        "student", "embedding table of the OT cost (ot_embedding): the current student's "
-        "(changes every step), the initial student's, or the teacher's (both frozen: D is "
-        "comparable across steps and runs)")
+        "student_initial", "embedding table of the OT cost (ot_embedding): the initial "
+        "student's or the teacher's (both frozen: D and the mean local OT are comparable across "
+        "steps and runs), or the current student's (changes every step, so the local OT drifts "
+        "with training)")
     ot_window_end: Literal["shorten", "pad_eos"] = opt(
         "shorten", "a continuation that stops before K tokens: shorten (uniform mass over its "
         "tokens; a late mismatch weighs more) or pad_eos (pad it with eos to K tokens, so an "

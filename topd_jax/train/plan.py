@@ -456,6 +456,9 @@ def memory_plan(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | Non
     if teacher is not None:
         rows["teacher params" if cfg.needs_teacher else "reference params"] = \
             param_bytes(abstract_params(teacher), mesh)
+    if cfg.uses_detector and cfg.topd.detector == "ot_embedding" and cfg.topd.ot_embedding == "student_initial":
+        embed = nnx.State({"embed": s_params["embed"]})  # the frozen copy shards like the table
+        rows["OT table (initial student's embeddings)"] = param_bytes(embed, mesh)
     rows.update(kv_rows(cfg, student, teacher, mesh))
     rows["update batch arrays"] = batch_bytes(cfg, teacher, mesh)
     notes = ["rows are summed, an upper bound: the KV caches of sampling and of the continuations "
