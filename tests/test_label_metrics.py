@@ -96,8 +96,8 @@ def _share(num, den):
     return num.sum() / den.sum() if den.sum() else np.nan
 
 
-def numpy_label_metrics(batch) -> dict[str, float]:
-    """The label metrics of a TOPD ``PreparedBatch`` under ``_fake_labeller``, by hand."""
+def numpy_label_pairs(batch) -> dict[str, tuple[float, float]]:
+    """The label metrics of a TOPD ``PreparedBatch`` under ``_fake_labeller`` as (sum, count), by hand."""
     a = {k: np.asarray(v) for k, v in batch.arrays.items()}
     ell, guided = np.asarray(batch.diagnostics["token_loss"]), np.asarray(batch.diagnostics["guided"])
     lab = _fake_labeller(["p"] * len(a["ids"]), a["ids"], a["loss_mask"])
@@ -106,15 +106,21 @@ def numpy_label_metrics(batch) -> dict[str, float]:
     fa = a["false_alarm"].astype(bool) & cand
     pos, neg = -a["divergence"][cand & surf], -a["divergence"][cand & fork]
     pairs = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    n = lambda x, y: (float(x.sum()), float(y.sum()))  # noqa: E731
     return {
-        "label_true_surface_share": _share(cand & surf, cand), "label_fork_share": _share(cand & fork, cand),
-        "label_suppressed_share": _share(fa, cand), "label_false_alarm_precision": _share(fa & surf, fa),
-        "label_false_alarm_recall": _share(fa & surf, cand & surf),
-        "label_fork_suppressed": _share(fa & fork, cand & fork),
-        "label_loss_surface_share": (ell * (surf & mask)).sum() / (ell * mask).sum(),
-        "label_guided_fork_precision": _share(guided & fork, guided),
-        "label_auroc": pairs.mean() if pairs.size else np.nan, "label_rollout_accuracy": lab["correct"].mean(),
+        "label_true_surface_share": n(cand & surf, cand), "label_fork_share": n(cand & fork, cand),
+        "label_suppressed_share": n(fa, cand), "label_false_alarm_precision": n(fa & surf, fa),
+        "label_false_alarm_recall": n(fa & surf, cand & surf), "label_fork_suppressed": n(fa & fork, cand & fork),
+        "label_loss_surface_share": (float((ell * (surf & mask)).sum()), float((ell * mask).sum())),
+        "label_guided_fork_precision": n(guided & fork, guided),
+        "label_auroc": (float(pairs.mean()), 1.0) if pairs.size else (0.0, 0.0),
+        "label_rollout_accuracy": n(lab["correct"], np.ones_like(lab["correct"])),
     }
+
+
+def numpy_label_metrics(batch) -> dict[str, float]:
+    """``numpy_label_pairs`` reduced: sum / count (NaN for count 0)."""
+    return {k: s / c if c else np.nan for k, (s, c) in numpy_label_pairs(batch).items()}
 
 
 def test_the_eval_key_depends_on_eval_seed_not_on_seed(tmp_path):

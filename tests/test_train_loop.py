@@ -48,7 +48,7 @@ def test_opd_run_writes_history_evals_metrics_checkpoints_and_hf_export(tmp_path
 def test_topd_run_logs_detector_guidance_and_label_metrics(tmp_path, monkeypatch):
     import dataclasses
 
-    from tests.test_label_metrics import _fake_labeller, numpy_label_metrics
+    from tests.test_label_metrics import _fake_labeller, numpy_label_metrics, numpy_label_pairs
     from topd_jax.data.tasks import SYNTHETIC
 
     batches = []
@@ -58,13 +58,17 @@ def test_topd_run_logs_detector_guidance_and_label_metrics(tmp_path, monkeypatch
     monkeypatch.setattr(loop, "run_task", lambda cfg: dataclasses.replace(SYNTHETIC, labeller=_fake_labeller))
     # kl_window: the loop's TOPD path without compiling continuation samplers (see test_algorithms)
     result = train(tiny_config(tmp_path / "run", "algorithm=topd", "topd.detector=kl_window",
-                               "logging.label_metrics=true", steps=2))
+                               "logging.label_metrics=true", "logging.every=2", steps=2))
     row = result.history[-1]
-    # The history row (and metrics.jsonl) carry the label metrics of the last step's batch.
-    expect = numpy_label_metrics(batches[-1][0])
-    np.testing.assert_allclose([row[k] for k in expect], list(expect.values()), rtol=1e-5)
+    # Each history row carries the label metrics of its step's batch ...
+    for r, (batch, _, _) in zip(result.history, batches):
+        expect = numpy_label_metrics(batch)
+        np.testing.assert_allclose([r[k] for k in expect], list(expect.values()), rtol=1e-5)
+    # ... and metrics.jsonl's row of the 2-step interval pools their (sum, count) pairs.
+    pairs = [numpy_label_pairs(b) for b, _, _ in batches]
+    pooled = {k: (pairs[0][k][0] + pairs[1][k][0]) / (pairs[0][k][1] + pairs[1][k][1]) for k in pairs[0]}
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    np.testing.assert_allclose([logged[k] for k in expect], list(expect.values()), rtol=1e-5)
+    np.testing.assert_allclose([logged[k] for k in pooled], list(pooled.values()), rtol=1e-5)
     assert 0 < row["time_label_metrics"] and 0 < row["time_update"] <= row["time_step"]
     assert len(result.extras["label_example"]["words"]) > 0
     for key in ("traj_loss", "divergence", "false_alarm_fraction", "guided_points_per_rollout",

@@ -252,6 +252,7 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             model = nnx.merge(graphdef, state.params)
             batch, prep, gen = prepare_batch(cfg, model, prompts, jax.random.fold_in(state.key(), step), frozen,
                                              timings)
+            label_pairs: dict[str, tuple[float, float]] = {}
             if with_labels:  # before the update: OPD's ℓ_t is that of the sampling params
                 t_labels = time.perf_counter()
                 label_pairs, label_example = labels.label_metrics(cfg, labeller, prompts, batch, model, frozen)
@@ -265,7 +266,9 @@ def _run(cfg: RunConfig, plan: RunPlan, out_dir: Path, student, teacher) -> Trai
             timings["step"] = time.perf_counter() - t0 - timings.get("label_metrics", 0.0)
             row = _row(step + 1, out, prep, timings, float(fetch(gen.lengths).sum()))
             history.append(row)
-            acc.add({k: v for k, v in row.items() if k != "step"})
+            # Label metrics enter the log interval as (sum, count) pairs: a step where one is
+            # undefined (e.g. no guided point, count 0) adds nothing instead of a NaN.
+            acc.add({**{k: v for k, v in row.items() if k != "step"}, **label_pairs})
             skipped = row["skipped"] > 0
             nonfinite_run = nonfinite_run + 1 if skipped else 0
             skipped_total += int(skipped)
