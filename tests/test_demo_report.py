@@ -158,8 +158,21 @@ def test_opd_without_detector_reports_missing_metrics_as_na(tmp_path):
     # no eval at all: "before" falls back to the accuracy measured when the student was made
     assert report["student_accuracy_before"] == 0.3 and report["student_accuracy_after"] is None
     assert report["metrics"]["local_ot"]["mean"] is None
-    assert "n/a" in dr.format_table(report)
+    assert "n/a (no OT detector in this run)" in dr.format_table(report)
     assert dr.write_report(report, history, tmp_path)["png"].is_file()
+
+
+def test_plain_opd_on_a_labelled_task_reports_the_measured_share_and_no_suppression():
+    history = [{"step": s, "token_kl": 0.5, "label_true_surface_share": 0.25, "label_fork_share": 0.5}
+               for s in range(1, 5)]
+    report = dr.build_report("opd", history, {0: 0.3, 4: 0.4}, teacher_meta=None, student_meta=None,
+                             false_alarm_rule=None, false_alarm_quantile=0.3, ot_table=None)
+    assert set(report["labels"]) == {"label_true_surface_share", "label_fork_share"}
+    table = dr.format_table(report)
+    assert "25.0% -> 25.0% (mean 25.0%)" in table
+    row = [line for line in table.splitlines() if line.startswith("suppressed share")][0]
+    assert row.endswith("| none (no detector in this run)")
+    assert "precision" not in table and "AUROC" not in table
 
 
 def test_non_finite_metric_values_are_skipped():

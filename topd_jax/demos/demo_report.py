@@ -253,12 +253,15 @@ def format_table(report: Mapping[str, Any]) -> str:
                 s = labels.get(name) or m["false_alarm_fraction"]
                 if s["logged_steps"]:
                     rows.append((_suppressed_row(report), _trend(s, True)))
+                elif report.get("false_alarm_rule") is None:
+                    rows.append((_suppressed_row(report), "none (no detector in this run)"))
             elif name in labels:
                 rows.append((title, _trend(labels[name], name in _PCT_METRICS)))
     else:
         rows.append((_suppressed_row(report), _fmt(m["false_alarm_fraction"]["mean"], True)))
     ot = m["local_ot"]
-    rows.append((_ot_row(report), f"{_fmt(ot['mean'])} / {_fmt(ot['first'])} -> {_fmt(ot['last'])}"))
+    rows.append((_ot_row(report), f"{_fmt(ot['mean'])} / {_fmt(ot['first'])} -> {_fmt(ot['last'])}"
+                 if ot["logged_steps"] else "n/a (no OT detector in this run)"))
     out = _table(rows)
     roc = report.get("detector_roc")
     if roc:
