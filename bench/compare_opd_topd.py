@@ -43,8 +43,11 @@ of those that still end correct (repaired).
 
 Statistics: per arm, per-seed values and mean ± sd; Δ against OPD: the mean over seeds of the
 per-prompt accuracy differences, with a 95 % bootstrap CI over (seed × prompt) resamples
-(``topd_jax.eval.compare.paired_bootstrap_ci``, 2000 resamples, NumPy seed 0); ``*`` marks a
-CI that excludes 0 -- only those differences count. Training logs the two loss terms'
+(``topd_jax.eval.compare.paired_bootstrap_ci``, 2000 resamples, NumPy seed 0), then the
+per-seed Δ in parentheses. A difference counts only if the CI excludes 0: ``*`` when it does
+and every seed agrees in sign, ``(*)`` when it does but the seeds disagree (the CI resamples
+prompts, not training runs, so it is blind to seed-to-seed training variance; read ``(*)`` as
+not resolved). Training logs the two loss terms'
 gradient norms (``logging.grad_norms_by_term=true``; their extra backward passes are part of
 ``time_step`` for every arm alike) and the per-step label metrics (``train.labels``), reported
 as means over training. A hash of each run's step-0 rollouts (prompt and completion ids) is
@@ -301,8 +304,13 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=128, help="prompts per generation batch (fixed: same noise)")
     ap.add_argument("--allow-ungated", action="store_true", help="run on models that fail the recipe's gates")
     ap.add_argument("--out", default="/tmp/compare_opd_topd")
+    ap.add_argument("--from-json", default=None, help="print the tables of an existing compare.json, run nothing")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print(report(saved["runs"], saved["before"], saved["meta"]))
+        return
     if "opd_wall" in args.arms and not {"opd", "topd"} <= set(args.arms):
         ap.error("--arms opd_wall needs the opd and topd arms (it runs for TOPD's step time at OPD's step cost)")
     t_start = time.perf_counter()

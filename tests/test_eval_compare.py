@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from topd_jax.eval.compare import comparison_table, label_table, mean_sd, paired_bootstrap_ci, paired_deltas
+from topd_jax.eval.compare import (comparison_table, delta_mark, label_table, mean_sd, paired_bootstrap_ci,
+                                   paired_deltas)
 
 
 def test_bootstrap_ci_of_a_constant_difference_is_that_constant():
@@ -69,9 +70,15 @@ def test_comparison_table_rows_hold_the_measured_numbers():
     assert opd.startswith("| OPD | 10 | 43.8 / 43.8 | 43.8 ± 0.0 | — |")
     cells = [c.strip() for c in topd.split("|")[1:-1]]
     assert cells[:4] == ["TOPD", "10", "62.5 / 62.5", "62.5 ± 0.0"]
-    assert cells[4].startswith("+18.8 [") and cells[4].endswith("*")  # CI excludes 0
-    assert cells[6] == "+0.0 [+0.0, +0.0]"  # greedy unchanged: no star
+    assert cells[4].startswith("+18.8 [") and cells[4].endswith("] * (+18.8 / +18.8)")  # CI excludes 0
+    assert cells[6] == "+0.0 [+0.0, +0.0] (+0.0 / +0.0)"  # greedy unchanged: no star
     assert cells[7:] == ["30", "0.300", "0.90", "0.500", "0.250"]
+
+
+def test_a_ci_excluding_zero_with_seeds_of_both_signs_is_marked_apart():
+    assert delta_mark({"mean": 0.07, "lo": 0.05, "hi": 0.09, "per_seed": [0.03, -0.1, 0.29]}) == "(*)"
+    assert delta_mark({"mean": -0.09, "lo": -0.1, "hi": -0.08, "per_seed": [-0.08, -0.11, -0.08]}) == "*"
+    assert delta_mark({"mean": 0.01, "lo": -0.01, "hi": 0.03, "per_seed": [0.01, 0.01]}) == ""
 
 
 def test_label_table_averages_each_metric_over_seeds():

@@ -67,11 +67,22 @@ def _num(ms: tuple[float, float] | None, fmt: str = ".3f") -> str:
     return "n/a" if ms is None else f"{ms[0]:{fmt}}"
 
 
+def delta_mark(d: dict[str, Any]) -> str:
+    """``"*"``: the CI excludes 0 and every seed's Δ has the mean's sign; ``"(*)"``: the CI
+    excludes 0 but the seeds disagree in sign (the CI resamples prompts, not training runs,
+    so it does not see seed-to-seed training variance); ``""``: the CI covers 0."""
+    if not (d["lo"] > 0 or d["hi"] < 0):
+        return ""
+    agree = all(np.sign(x) == np.sign(d["mean"]) for x in d["per_seed"])
+    return "*" if agree else "(*)"
+
+
 def _delta(d: dict[str, Any] | None) -> str:
     if d is None:
         return "n/a"
-    mark = " *" if d["lo"] > 0 or d["hi"] < 0 else ""
-    return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{mark}"
+    mark = delta_mark(d)
+    seeds = " / ".join(f"{100 * x:+.1f}" for x in d["per_seed"])
+    return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{' ' + mark if mark else ''} ({seeds})"
 
 
 def paired_deltas(runs: Sequence[dict], arm: str, baseline: str, metric: str, *, resamples: int = 2000,
@@ -98,8 +109,8 @@ def comparison_table(runs: Sequence[dict], *, baseline: str, arms: Sequence[str]
     ``train_s`` (training wall seconds), ``step_s`` (median step seconds), and optional
     ``guided_per_rollout``, ``grad_norm_opd``, ``grad_norm_traj`` (means over training, None
     if not logged). ``before``: the step-0 evaluation ``{"pass1": [...], "greedy": [...]}``
-    shared by every arm. Δ columns: paired against ``baseline`` with a 95 % bootstrap CI
-    (``paired_bootstrap_ci``); ``*`` marks a CI that excludes 0.
+    shared by every arm. Δ columns: paired against ``baseline``, mean [95 % bootstrap CI]
+    (``paired_bootstrap_ci``) mark (per-seed Δ); the mark is ``delta_mark``'s.
     """
     arms = list(arms) if arms is not None else list(dict.fromkeys(r["arm"] for r in runs))
     head = (f"| arm | steps | pass@1 per seed (%) | pass@1 mean ± sd (%) | Δ pass@1 vs {baseline} [95 % CI] (pts) | "
