@@ -186,6 +186,8 @@ def run_arm(arm: str, seed: int, *, task_yaml, task_overrides: list[str], user_o
     with mock.patch.object(loop, "prepare_batch", spy):
         result = loop.train(cfg, plan=plan)
     wall = time.perf_counter() - t0
+    if result.preempted:  # SIGTERM: the trainer saved and returned; stop the comparison too
+        sys.exit(f"preempted during {name} seed {seed}; the finished runs are in {out / 'compare.json'}")
     h = result.history
     step_times = [r["time_step"] for r in h]
     row = {"arm": name, "key": arm, "seed": seed, "steps": len(h), "train_s": wall,
