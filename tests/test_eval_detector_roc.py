@@ -25,15 +25,16 @@ def test_evaluate_counts_auroc_false_alarms_and_guided_points_by_hand():
 
 
 def test_evaluate_leaves_out_undefined_windows_and_applies_the_teacher_null_rule():
-    d = np.array([0.1, 0.5, 0.3, 0.9])
-    lab = np.array([SURFACE, SURFACE, FORK, FORK])
-    valid = np.ones(4, bool)
-    defined = np.array([True, True, True, False])  # an empty window: counted, not classified
-    null = np.array([0.2, 0.2, 0.4, 5.0])  # D <= null: slots 0 (surface) and 2 (fork)
-    row = roc.evaluate(d, valid, defined, lab, null, q=0.3, slots_per_row=2)
-    assert row["undefined"] == 1 and row["classified"] == 3
-    assert row["auroc_surf_vs_fork"] == pytest.approx(1 / 2)  # surface (0.1, 0.5) vs fork 0.3
-    assert row["null_share"] == pytest.approx(2 / 3)
+    # six slots as above (same shapes: no new compilation), one with an empty window
+    d = np.array([0.1, 0.5, 0.3, 0.9, 0.4, 0.6])
+    lab = np.array([SURFACE, SURFACE, FORK, FORK, FORCED, FORCED])
+    valid = np.ones(6, bool)
+    defined = np.array([True, True, True, False, True, True])  # counted, not classified
+    null = np.array([0.2, 0.2, 0.4, 5.0, 0.1, 0.1])  # D <= null: slots 0 (surface) and 2 (fork)
+    row = roc.evaluate(d, valid, defined, lab, null, q=0.3, slots_per_row=3)
+    assert row["undefined"] == 1 and row["classified"] == 5
+    assert row["auroc_surf_vs_fork"] == pytest.approx(1 / 2)  # surface (0.1, 0.5) vs the defined fork 0.3
+    assert row["null_share"] == pytest.approx(2 / 5)
     assert row["null_precision"] == pytest.approx(1 / 2) and row["null_recall"] == pytest.approx(1 / 2)
 
 
