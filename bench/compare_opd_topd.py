@@ -56,14 +56,13 @@ printed per seed: equal hashes across arms verify the paired random numbers.
 Output: markdown tables on stdout and ``<out>/compare.json`` (every run's per-prompt results,
 history, config and the machine), rewritten after every run.
 
-Budget (2-core CPU, shared): the defaults -- 200 steps x 8 prompts x 4 rollouts, 512 eval
-prompts x 4 samples + greedy -- were chosen from a single-run measurement on the labelled
-task (ungated models, other agents loading the machine): step time OPD 0.06 s, OPD + a
-detector 0.21 s, TOPD 0.20 s, TOPD-oracle 0.14 s; first-step compilation 10-30 s per process
-(later arms reuse most of it); one evaluation (2048 samples + 512 greedy) about 10 s. Per
-seed about 250 s of steps + 8 evaluations + compilation, so 6 arms + OPD @ TOPD wall x 3
-seeds fit in about 20-30 minutes once the models are cached (see BUILD_NOTES for the
-measured total).
+Budget (2-core CPU, shared): the defaults -- 200 steps x 8 prompts x 4 rollouts (the settings of
+topd_jax/configs/labelled.yaml), 512 eval prompts x 4 samples + greedy -- were chosen from a
+single-run measurement (step time OPD 0.065 s, OPD + detector 0.09 s, TOPD 0.14 s, TOPD-oracle
+0.2 s; first-step compilation 10-30 s per process, later arms reuse most of it; an evaluation
+1-2 s, 17 s with its first compilation). Measured: the whole default comparison (6 arms + OPD @
+TOPD wall x 3 seeds) took 12.2 min with the models cached, CPU-2 shared with other agents
+(load average 2-5); BUILD_NOTES has its table.
 """
 
 from __future__ import annotations
