@@ -174,3 +174,19 @@ def test_the_cli_checks_the_labelled_source_with_the_vocabulary_its_models_get(t
     checked = validation_config(cfg)
     assert checked.student.vocab_size == checked.teacher.vocab_size == VOCAB_SIZE >= TOK.vocab_size
     assert checked.data == cfg.data and validation_config(tiny_config(tmp_path)).student.vocab_size == 128
+
+
+def test_the_example_rollout_is_the_one_that_shows_a_false_alarm_then_a_surface_candidate():
+    from topd_jax.train.labels import example_row
+    S, F = SURFACE, FORK
+    labels = np.array([[F, F, F], [S, F, F], [S, F, F], [F, F, F]])
+    cand = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 0]], bool)
+    false_alarm = np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]], bool)
+    labelled_mask = (labels == S) | (labels == F)
+    # row 0 has the most labelled candidates, row 1 a surface one, row 2 a false alarm: row 2 wins
+    assert example_row(cand, false_alarm, None, labels, labelled_mask) == 2
+    assert example_row(cand, np.zeros_like(false_alarm), None, labels, labelled_mask) == 1
+    guided = np.array([[0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 0]], bool)
+    no_fa, no_surface = np.zeros_like(false_alarm), np.full_like(labels, F)
+    assert example_row(cand, no_fa, guided, no_surface, np.ones_like(cand)) == 3  # guided beats count
+    assert example_row(cand, no_fa, None, no_surface, np.ones_like(cand)) == 0    # then the count

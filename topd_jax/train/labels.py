@@ -32,7 +32,7 @@ Metrics (``(sum, count)`` pairs, means over the step; ``losses.detection.detecto
 
 The first four exist under every opd/topd run; the detector rows only with a detector (OPD +
 suppression, TOPD), the last only with guidance. ``example`` is one rollout of the step, the
-one with the most labelled (SURFACE or fork) candidates: ``words``, ``labels`` (names),
+one that shows the most kinds of verdict (``example_row``): ``words``, ``labels`` (names),
 ``token_loss``, ``candidate``, ``false_alarm``, ``guided`` (lists over its completion tokens),
 ``correct`` and ``problem``.
 """
@@ -133,10 +133,21 @@ def label_metrics(cfg: RunConfig, labeller: Callable, prompts: dict, batch: Prep
     return out, example
 
 
+def example_row(cand, false_alarm, guided, labels, labelled_mask) -> int:
+    """The rollout that shows the most kinds of verdict: ranked by (a false alarm among its
+    candidates, a SURFACE candidate, a guided point, the number of labelled candidates); the
+    first such row wins ties. Every array ``[R, L]``."""
+    c = cand & labelled_mask
+    has_guided = np.zeros(cand.shape[0], bool) if guided is None else guided.any(axis=1)
+    key = np.stack([(c & false_alarm).any(axis=1), (cand & (labels == labelled.SURFACE)).any(axis=1),
+                    has_guided, c.sum(axis=1)], axis=1).astype(np.int64)
+    return min(range(len(key)), key=lambda r: (tuple(-key[r]), r))
+
+
 def rollout_example(ids, mask, labels, loss, cand, false_alarm, guided, correct, problems, decode, eos_ids,
                     labelled_mask) -> dict[str, Any]:
     """One rollout as lists over its completion tokens (module doc); every array ``[R, L]``."""
-    row = int(np.argmax((cand & labelled_mask).sum(axis=1)))
+    row = example_row(cand, false_alarm, guided, labels, labelled_mask)
     cols = np.flatnonzero(mask[row])
     guided_row = np.zeros(mask.shape[1], bool) if guided is None else guided[row]
     return {
