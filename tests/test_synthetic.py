@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from topd_jax.data.synthetic import (CONNECTIVES, STUDENT_STYLE, TEACHER_STYLE, Style,
-                                     SyntheticTokenizer, check, generate_problems, make_splits,
+                                     SyntheticTokenizer, apply_op, check, confused_values, generate_problems, make_splits,
                                      noisy_solution, reference_solution, render_solution,
                                      slipped_values, supervised_arrays, to_records)
 from topd_jax.data.synthetic import (CONSTRUCTION_WORDS, construction_target, first_error,
@@ -77,6 +77,31 @@ def test_noisy_solutions_are_mediocre_at_the_requested_rate():
     correct = [ok for _, ok in out]
     assert all(check(s, p.answer) == ok for (s, ok), p in zip(out, probs))
     assert 0.6 < np.mean(correct) < 0.8
+
+
+def test_the_sign_confusion_writes_minus_as_plus_and_derails_only_problems_with_minus():
+    probs = generate_problems(200, 7)
+    rng = np.random.default_rng(0)
+    for p in probs:
+        vals = confused_values(p, rng, 1.0)
+        x = p.start
+        for s, v in zip(p.steps, vals[1:]):
+            assert v == apply_op("+" if s.op == "-" else s.op, x, s.const, p.modulus)
+            x = v
+        assert (vals == p.values) == all(s.op != "-" for s in p.steps)
+        assert confused_values(p, rng, 0.0) == p.values
+    # at 0.8 the greedy mode is the confusion: the correct share is the share without '-' plus 0.2^k
+    out = [noisy_solution(p, np.random.default_rng(i), 0.0, confusion=0.8) for i, p in enumerate(probs)]
+    assert all(check(text, p.answer) == ok for (text, ok), p in zip(out, probs))
+    without_minus = np.mean([all(s.op != "-" for s in p.steps) for p in probs])
+    assert without_minus <= np.mean([ok for _, ok in out]) < without_minus + 0.25
+
+
+def test_noisy_solutions_without_confusion_draw_the_same_random_numbers_as_before():
+    p = generate_problems(1, 3)[0]
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert noisy_solution(p, a, 0.3) == noisy_solution(p, b, 0.3, confusion=0.0)
+    assert a.random() == b.random()
 
 
 @pytest.mark.parametrize("completion, answer, ok", [

@@ -432,6 +432,9 @@ class DemoConfig(_Checked):
     batch_size: int = opt(64, "sequences per supervised step", _positive)
     lr: float = opt(3e-3, "supervised learning rate", _positive)
     student_noise: float = opt(0.3, "probability that a warm-up solution has a slip", _unit)
+    student_confusion: float = opt(0.0, "probability that the student's warm-up data writes a "
+                                   "'-' step as '+' (a systematic misconception: above 0.5 "
+                                   "the student's accuracy levels off below the teacher's)", _unit)
 
 
 @dataclass(frozen=True)

@@ -174,15 +174,33 @@ def slipped_values(problem: Problem, step: int, rng: np.random.Generator) -> tup
     return tuple(vals)
 
 
+def confused_values(problem: Problem, rng: np.random.Generator, confusion: float) -> tuple[int, ...]:
+    """Values of a student with a *systematic* misconception: each ``-`` step is computed as
+    ``+`` with probability ``confusion`` (a sign confusion: that value is certainly wrong, since
+    ``c != 0`` and p is an odd prime), every later step computed from the value written (two
+    confused steps can cancel in the answer: ``x - c1 - c2`` vs ``x + c1 + c2``)."""
+    p, vals = problem.modulus, [problem.start]
+    for s in problem.steps:
+        op = "+" if s.op == "-" and rng.random() < confusion else s.op
+        vals.append(apply_op(op, vals[-1], s.const, p))
+    return tuple(vals)
+
+
 def noisy_solution(problem: Problem, rng: np.random.Generator, slip_prob: float,
-                   style: Style = STUDENT_STYLE) -> tuple[str, bool]:
-    """A solution that slips at one random step with probability ``slip_prob``.
+                   style: Style = STUDENT_STYLE, confusion: float = 0.0) -> tuple[str, bool]:
+    """A solution that slips at one random step with probability ``slip_prob`` (a random
+    wrong value: the right one stays the most likely token) or, with ``confusion`` > 0 and no
+    slip, follows ``confused_values`` (a systematic error: above 0.5 the wrong value is the
+    most likely one, so a greedy student levels off at the share of problems without ``-``).
 
     Returns (text, is_correct). Used to warm the demo student up to mediocre accuracy.
     """
     if rng.random() < slip_prob:
         values = slipped_values(problem, int(rng.integers(len(problem.steps))), rng)
         return render_solution(problem, values, rng, style), False
+    if confusion > 0:  # no draw when off: the slip-only recipes keep their random streams
+        values = confused_values(problem, rng, confusion)
+        return render_solution(problem, values, rng, style), values[-1] == problem.values[-1]
     return render_solution(problem, problem.values, rng, style), True
 
 

@@ -7,9 +7,13 @@
 The teacher (``cfg.teacher`` sizes) is trained by supervised cross-entropy on reference
 solutions of the synthetic task (``topd_jax.data.synthetic``, teacher style, no slips) until
 it solves the held-out problems; the smaller student (``cfg.student``) is warmed up on
-*noisy* solutions in its own surface style (a slip with probability ``demo.student_noise``)
-for fewer steps than it needs to master the task, so it knows the format but makes
-arithmetic mistakes: on-policy distillation from the teacher then has something to fix.
+*noisy* solutions in its own surface style: a random slip with probability
+``demo.student_noise``, and a systematic sign confusion (each ``-`` step written as ``+`` with
+probability ``demo.student_confusion``). Random slips alone never level off: the right value
+stays the most likely token, so a greedy student climbs to ~95 % once it can copy, and where it
+stands after N steps depends on when its phase transition happened. The confusion gives a
+plateau instead (greedy accuracy ≈ the share of problems without ``-``), so the student knows
+the format, is past its jump, and makes a mistake on-policy distillation can fix.
 
 Each model is cached in ``<cache_dir>/<role>-<hash>`` where the hash covers exactly the
 config fields that change it (its sizes, the task, the recipe); a later run with the same
@@ -43,7 +47,7 @@ from topd_jax.demos.sft import train_sft
 
 META_FILE = "demo_meta.json"
 # Bump when the preparation recipe changes in a way the hashed fields do not show.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 Log = Callable[[str], None]
 log_info: Log = logging.getLogger(__name__).info  # progress messages (the CLI shows them on stderr)
 
@@ -76,7 +80,7 @@ def cache_key(cfg: RunConfig, role: str) -> dict[str, Any]:
     demo = dataclasses.asdict(cfg.demo)
     demo.pop("cache_dir")
     if role == "teacher":  # the student's recipe never changes the teacher
-        demo.pop("student_steps"), demo.pop("student_noise")
+        demo.pop("student_steps"), demo.pop("student_noise"), demo.pop("student_confusion")
     else:
         demo.pop("teacher_steps")
     return {"recipe": RECIPE_VERSION, "role": role, "model": dataclasses.asdict(spec),
@@ -105,13 +109,14 @@ def splits(cfg: RunConfig) -> tuple[list[synthetic.Problem], list[synthetic.Prob
 
 def sft_batches(problems: Sequence[synthetic.Problem], batch_size: int, seed: int, *,
                 style: synthetic.Style, slip_prob: float, prompt_len: int,
-                completion_len: int) -> Iterator[dict[str, np.ndarray]]:
+                completion_len: int, confusion: float = 0.0) -> Iterator[dict[str, np.ndarray]]:
     """Endless supervised batches: random problems, a fresh solution each time (surface form
-    drawn from ``style``; a slip with probability ``slip_prob``), ``supervised_arrays`` layout."""
+    drawn from ``style``; a slip with probability ``slip_prob``, else each ``-`` step written as
+    ``+`` with probability ``confusion``: ``synthetic.noisy_solution``), ``supervised_arrays`` layout."""
     tok, rng = synthetic.SyntheticTokenizer(), np.random.default_rng(seed)
     while True:
         picked = [problems[i] for i in rng.integers(len(problems), size=batch_size)]
-        sols = [synthetic.noisy_solution(p, rng, slip_prob, style)[0] for p in picked]
+        sols = [synthetic.noisy_solution(p, rng, slip_prob, style, confusion)[0] for p in picked]
         yield synthetic.supervised_arrays(tok, [p.prompt for p in picked], sols,
                                           prompt_len, completion_len)
 
@@ -173,6 +178,7 @@ def _train_role(cfg: RunConfig, role: str, progress: bool) -> tuple[Qwen, dict[s
     batches = sft_batches(train, cfg.demo.batch_size, s.seed + 10 + seed_offset,
                           style=synthetic.TEACHER_STYLE if teacher else synthetic.STUDENT_STYLE,
                           slip_prob=0.0 if teacher else cfg.demo.student_noise,
+                          confusion=0.0 if teacher else cfg.demo.student_confusion,
                           prompt_len=prompt_len(cfg), completion_len=completion_len(cfg))
     steps = cfg.demo.teacher_steps if teacher else cfg.demo.student_steps
     t0 = time.perf_counter()
