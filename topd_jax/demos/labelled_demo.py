@@ -175,7 +175,8 @@ def cache_key(cfg: RunConfig, role: str) -> dict[str, Any]:
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
     spec = cfg.teacher if role == "teacher" else cfg.student
     fields = _TEACHER_FIELDS if role == "teacher" else _STUDENT_FIELDS
-    recipe = {f: getattr(cfg.labelled, f) for f in fields}
+    section = dataclasses.asdict(cfg.labelled)
+    recipe = {f: section[f] for f in fields}
     return {"recipe": RECIPE_VERSION, "role": role, "model": dataclasses.asdict(spec),
             "task": dataclasses.asdict(cfg.data.synthetic), "labelled": recipe}
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topd_jax.algorithms.scoring import forward_hidden, score_tokens
+from topd_jax.algorithms.topd import suffix_windows
 from topd_jax.data.labelled import FORK, LABEL_NAMES, RECOVERY, SURFACE
 from topd_jax.losses import (auroc, margin_w1, masked_quantile, near_future_count, near_future_window,
                              ot_distance, select_candidates, select_candidates_quantile, token_divergence)
@@ -111,12 +112,10 @@ def continuations(model, sequences, sequence_mask, pos, n, k, key, eos_id, pad_i
 
 def suffix(ids, loss_mask, pos, k):
     """The rollout's own ``y_t .. y_{t+K-1}`` per slot of ``pos [R, C]``: ``[R*C, K]`` tokens
-    and mask (False past the row's end or outside ``loss_mask``)."""
-    cols = pos[..., None] + np.arange(k)
-    inside = cols < ids.shape[1]
-    cols = np.minimum(cols, ids.shape[1] - 1)
-    rows = np.arange(ids.shape[0])[:, None, None]
-    return ids[rows, cols].reshape(-1, k), (loss_mask[rows, cols] & inside).reshape(-1, k)
+    and mask (False past the row's end or outside ``loss_mask``), as NumPy: the trainer's
+    ``algorithms.topd.suffix_windows``."""
+    tokens, mask = suffix_windows(jnp.asarray(ids), jnp.asarray(loss_mask), jnp.asarray(pos), k)
+    return np.asarray(tokens), np.asarray(mask)
 
 
 def roc_points(scores, pos, neg, num=21):
