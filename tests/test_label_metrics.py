@@ -190,3 +190,27 @@ def test_the_example_rollout_is_the_one_that_shows_a_false_alarm_then_a_surface_
     no_fa, no_surface = np.zeros_like(false_alarm), np.full_like(labels, F)
     assert example_row(cand, no_fa, guided, no_surface, np.ones_like(cand)) == 3  # guided beats count
     assert example_row(cand, no_fa, None, no_surface, np.ones_like(cand)) == 0    # then the count
+
+
+def test_label_metrics_reuse_the_oracles_labels_instead_of_parsing_the_rollouts_again(tmp_path):
+    from types import SimpleNamespace
+    from topd_jax.algorithms.prepared import PreparedBatch
+    from topd_jax.train.labels import label_metrics
+    cfg = load_config(None, [f"output_dir={tmp_path}", "algorithm=topd", "topd.detector=oracle", "rollout.n=1", "student.preset=tiny", "teacher.preset=tiny",
+                             "data.source=synthetic"])
+    labels = np.array([[0, SURFACE, FORK, FORCED], [0, FORK, SURFACE, FORCED]], np.int8)
+    cand = np.array([[0, 1, 1, 0], [0, 1, 0, 0]], bool)
+    arrays = {"ids": np.full((2, 4), 5, np.int32), "loss_mask": np.array([[0, 1, 1, 1]] * 2, bool),
+              "candidates": cand, "false_alarm": cand & (labels == SURFACE),
+              "divergence": np.where(labels == SURFACE, 0.0, 1.0).astype(np.float32)}
+    diag = {"token_loss": np.ones((2, 4), np.float32), "labels": labels, "correct": np.array([True, False])}
+
+    def must_not_parse(*args):
+        raise AssertionError("the rollouts were labelled twice")
+
+    frozen = SimpleNamespace(text=SimpleNamespace(decode=lambda ids: "w"), eos_ids=(2,))
+    metrics, _ = label_metrics(cfg, must_not_parse, {"problems": ["p0", "p1"]},
+                               PreparedBatch(arrays, None, diag), None, frozen)
+    assert metrics["label_true_surface_share"] == (1.0, 3.0)
+    assert metrics["label_false_alarm_precision"] == (1.0, 1.0)
+    assert metrics["label_rollout_accuracy"] == (1.0, 2.0)

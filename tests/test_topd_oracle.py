@@ -79,7 +79,7 @@ def test_oracle_labels_repeat_each_problem_over_its_rollouts(tmp_path):
         n_prompt = len(tok.encode(prompts[r // 2]))
         ids[r, :len(row)] = row
         mask[r, n_prompt:len(row)] = True
-    labels = topd.oracle_labels(cfg, {"problems": prompts}, {"ids": ids, "loss_mask": mask})
+    labels = topd.oracle_labels(cfg, {"problems": prompts}, {"ids": ids, "loss_mask": mask})["labels"]
     assert labels.shape == (4, width)
     result_col = [np.flatnonzero(mask[r])[6] for r in range(4)]  # "b = X op Y = V": V is the 7th token
     assert [labels[r, c] for r, c in enumerate(result_col)] == [FORK] * 4

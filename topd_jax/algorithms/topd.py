@@ -262,9 +262,9 @@ def detect(cfg: RunConfig, student, rows, loss, slots, key, frozen: Frozen, timi
 ORACLE_FORK, ORACLE_OTHER, ORACLE_SURFACE = 1.0, 0.5, 0.0  # D of the oracle per label kind
 
 
-def oracle_labels(cfg: RunConfig, prompts: dict, rows: dict) -> np.ndarray:
-    """Ground-truth position labels ``[R, L]`` (``labelled.SURFACE``, ``FORK``, ...) of the
-    rollouts ``rows`` from the task's labeller; rollout row ``b * n + j`` belongs to prompt b.
+def oracle_labels(cfg: RunConfig, prompts: dict, rows: dict) -> dict[str, np.ndarray]:
+    """The task labeller's output for the rollouts ``rows`` (``labels [R, L]``: ``labelled.SURFACE``,
+    ``FORK``, ...; ``correct [R]``; ...); rollout row ``b * n + j`` belongs to prompt b.
     Raises ValueError when the task has none (``topd.detector=oracle`` needs one)."""
     task = run_task(cfg)
     if task.labeller is None:
@@ -272,7 +272,7 @@ def oracle_labels(cfg: RunConfig, prompts: dict, rows: dict) -> np.ndarray:
                          f"data.source={cfg.data.source!r} ({task.name}) has no labeller; use "
                          f"data.source=synthetic or labelled, or another topd.detector")
     problems = [p for p in prompts["problems"] for _ in range(cfg.rollout.n)]
-    return task.labeller(problems, fetch(rows["ids"]), fetch(rows["loss_mask"]))["labels"]
+    return task.labeller(problems, fetch(rows["ids"]), fetch(rows["loss_mask"]))
 
 
 def oracle_detection(labels, pos: jax.Array, valid: jax.Array) -> Detection:
@@ -427,8 +427,10 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
     slots = candidate_slots(loss, batch["loss_mask"], mode=t.candidate_mode, num=t.num_candidates,
                             min_separation=t.min_separation, quantile=t.candidate_quantile, rollback=t.rollback)
     cand, pos, valid, _ = slots
+    truth = None
     if t.detector == "oracle":  # the labels instead of a detector (no continuations)
-        det = oracle_detection(oracle_labels(cfg, prompts, batch), pos, valid)
+        truth = oracle_labels(cfg, prompts, batch)
+        det = oracle_detection(truth["labels"], pos, valid)
     else:
         det = detect(cfg, student, batch, loss, slots, k_det, frozen, timings, gen.cache)
     conts = det.conts
@@ -469,6 +471,8 @@ def prepare(cfg: RunConfig, student, prompts: dict, key: jax.Array, frozen: Froz
         batch.update(guidance_batch(cfg, batch, slots, idx, g_valid, conts, k_guide, frozen, timings))
         metrics["guided_points_per_rollout"] = (sums["guided"], rows_n)
     diagnostics = {"token_loss": loss}  # for the trainer's label metrics (train.labels), not the step
+    if truth is not None:  # the oracle's labels: the label metrics do not parse the rollouts again
+        diagnostics["labels"], diagnostics["correct"] = truth["labels"], truth["correct"]
     if cfg.uses_guidance:
         diagnostics["guided"] = guided_mask(pos, idx, g_valid, loss.shape[1])
     return PreparedBatch(batch, precomputed, diagnostics), metrics, gen

@@ -101,13 +101,16 @@ def label_metrics(cfg: RunConfig, labeller: Callable, prompts: dict, batch: Prep
     arrays = batch.arrays
     ids, mask = fetch(arrays["ids"]), fetch(arrays["loss_mask"]).astype(bool)
     problems = rollout_problems(prompts["problems"], cfg.rollout.n)
-    lab = labeller(problems, ids, mask)
+    diag = batch.diagnostics or {}
+    if "labels" in diag:  # topd.detector=oracle already labelled these rollouts
+        lab = {"labels": np.asarray(diag["labels"]), "correct": np.asarray(diag["correct"])}
+    else:
+        lab = labeller(problems, ids, mask)
     labels = lab["labels"]
     surface = labels == labelled.SURFACE
     fork = (labels == labelled.FORK) | (labels == labelled.RECOVERY)
     detector = cfg.uses_detector
     if detector:
-        diag = batch.diagnostics or {}
         if "token_loss" not in diag:
             raise ValueError(f"label metrics with a detector need PreparedBatch.diagnostics['token_loss'], "
                              f"got {sorted(diag)}")
